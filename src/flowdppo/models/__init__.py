@@ -21,7 +21,7 @@ def load_builtin_models() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != module:
+            if not (err.name and module.startswith(err.name)):
                 raise
 
 

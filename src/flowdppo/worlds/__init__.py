@@ -17,5 +17,5 @@ def load_builtin_worlds() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != module:
+            if not (err.name and module.startswith(err.name)):
                 raise

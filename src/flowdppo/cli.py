@@ -1,0 +1,64 @@
+"""The ``flowdppo`` command line: one subcommand per job.
+
+Each subcommand lives in the module that does its work and exposes
+``add_cli(subparsers)``, which adds its parser and sets ``func`` to a handler taking the
+parsed arguments and returning an exit code. This file only wires them together, so
+``flowdppo --help`` stays fast (handlers import heavy modules lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules providing ``add_cli(subparsers)``; a missing optional one is skipped.
+_COMMAND_MODULES = (
+    "flowdppo.trainer.commands",
+    "flowdppo.worlds.commands",
+    "flowdppo.compare.commands",
+    "flowdppo.rewards.server",
+    "flowdppo.bench_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowdppo",
+        description="RL fine-tuning of flow-matching text-to-image models (Flow-DPPO and baselines).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if not (err.name and name.startswith(err.name)):
+                raise
+            continue
+        module.add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        # Configuration and input errors: one clear line, no traceback.
+        print(f"flowdppo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
