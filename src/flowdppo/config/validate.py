@@ -1,0 +1,160 @@
+"""Cross-field validation and derived values, run before any model or reward loads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..algorithms import AlgorithmSpec, get_algorithm
+from .loader import ConfigError, apply_overrides, from_dict, read_yaml
+from .schema import RunConfig
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A validated config plus the values derived from it (one place computes them)."""
+
+    config: RunConfig
+    algorithm: AlgorithmSpec
+    hparams: Any  # the algorithm's hyperparameter dataclass
+    dynamics: str  # the rollout sampler
+    dynamics_params: dict[str, float]
+    trained_steps: int  # stochastic steps per rollout
+    window_first: int  # the earliest step index a window may start at
+    window_stop: int  # one past the latest step index a window may cover
+    samples_per_iteration: int  # global: num_groups * group_size
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults) and apply ``key=value`` overrides, strictly."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_sampling(cfg: RunConfig, dynamics: str) -> tuple[int, int, int]:
+    """Returns (trained steps per rollout, first window start, last window stop)."""
+    s = cfg.sampling
+    _check(s.num_steps >= 2, f"`sampling.num_steps`={s.num_steps}: need at least 2 steps")
+    _check(s.group_size >= 2, f"`sampling.group_size`={s.group_size}: group advantages need >= 2 "
+           "images per prompt")
+    _check(s.num_groups >= 1, f"`sampling.num_groups`={s.num_groups}: must be >= 1")
+    _check(s.sample_batch_size >= 1, "`sampling.sample_batch_size` must be >= 1")
+    _check(s.guidance_scale >= 1.0, f"`sampling.guidance_scale`={s.guidance_scale}: must be >= 1")
+    ok = len(s.sde_window_range) == 2 and 0.0 <= s.sde_window_range[0] < s.sde_window_range[1] <= 1
+    _check(ok,
+           f"`sampling.sde_window_range`={s.sde_window_range}: expected [lo, hi] with 0 <= lo < hi <= 1")
+    # CPS's last step (t_next = 0) is deterministic and never trained.
+    last_trainable = s.num_steps - 1 if dynamics == "cps" else s.num_steps
+    if dynamics == "ode":
+        return 0, 0, 0
+    if s.sde_window is None:
+        return last_trainable, 0, last_trainable
+    lo, hi = s.sde_window_range
+    first, stop = round(lo * s.num_steps), min(round(hi * s.num_steps), last_trainable)
+    span = stop - first
+    _check(1 <= s.sde_window <= span,
+           f"`sampling.sde_window`={s.sde_window}: must be between 1 and the {span} steps that "
+           f"`sampling.sde_window_range`={s.sde_window_range} covers out of {s.num_steps}; widen the "
+           "range or use fewer window steps")
+    return s.sde_window, first, stop
+
+
+def _check_threshold(name: str, hparams: Any) -> None:
+    threshold = getattr(hparams, "threshold", None)
+    if threshold is None:
+        return
+    where = f"`algorithm.hparams.threshold`={threshold}"
+    _check(threshold >= 0, f"{where}: must be >= 0")
+    if getattr(hparams, "divergence", "kl") == "tv":
+        _check(threshold < 1, f"{where}: with divergence tv the threshold is a probability in (0, 1)")
+    elif getattr(hparams, "reduce", "mean") == "mean":
+        # A per-element KL above 1 nat means means ~1.4 std apart in every element: that is a
+        # sum-convention number given in the mean convention.
+        _check(threshold <= 1.0, f"{where}: reduce=mean makes this a per-element KL; values above 1 "
+               "are sum-convention thresholds. Set `algorithm.hparams.reduce: sum` or divide by D")
+
+
+def _check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
+    total = cfg.sampling.num_groups * cfg.sampling.group_size
+    _check(total % world_size == 0,
+           f"`sampling.num_groups` x `sampling.group_size` = {total} images must divide evenly over "
+           f"{world_size} processes")
+    per_process = total // world_size
+    _check(per_process % cfg.train.minibatches_per_pass == 0,
+           f"{per_process} images per process do not split into `train.minibatches_per_pass`="
+           f"{cfg.train.minibatches_per_pass} equal minibatches")
+    _check(cfg.train.num_updates >= 1, "`train.num_updates` must be >= 1")
+    _check(cfg.train.micro_batch_size >= 1, "`train.micro_batch_size` must be >= 1")
+    return total
+
+
+def _check_rewards(cfg: RunConfig) -> None:
+    from ..rewards import MONITORS, REWARDS, load_builtin_rewards
+
+    load_builtin_rewards()
+    _check(len(cfg.rewards.items) >= 1, "`rewards.items`: a run needs at least one reward")
+    names = [item.name for item in cfg.rewards.items]
+    _check(len(set(names)) == len(names), f"`rewards.items`: duplicate reward names {names}")
+    for i, item in enumerate(cfg.rewards.items):
+        _check(item.name in REWARDS, f"`rewards.items[{i}].name`={item.name!r}: unknown reward; "
+               f"expected one of {sorted(REWARDS)}")
+        _check(math.isfinite(item.weight), f"`rewards.items[{i}].weight` must be finite")
+    for i, item in enumerate(cfg.eval.monitors):
+        _check(item.name in MONITORS or item.name in REWARDS,
+               f"`eval.monitors[{i}].name`={item.name!r}: unknown monitor; expected one of "
+               f"{sorted(set(MONITORS) | set(REWARDS))}")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    from ..models import MODELS, load_builtin_models
+
+    load_builtin_models()
+    _check(cfg.model.name in MODELS,
+           f"`model.name`={cfg.model.name!r}: unknown model; expected one of {sorted(MODELS)}")
+    pretrained = cfg.model.pretrained
+    looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).suffix != ""
+    if looks_local:
+        _check(Path(pretrained).expanduser().exists(),
+               f"`model.pretrained`={pretrained!r}: no such directory; give a local path, a hub id "
+               "already in the cache, builtin:<world> or tiny-random")
+    if cfg.lora.enabled:
+        _check(cfg.lora.rank >= 1, f"`lora.rank`={cfg.lora.rank}: must be >= 1")
+
+
+def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
+    """Validate ``cfg`` and derive the run's constants. Raises ConfigError naming the field."""
+    try:
+        spec = get_algorithm(cfg.algorithm.name)
+    except ValueError as err:
+        raise ConfigError(f"`algorithm.name`: {err}") from err
+    hparams = from_dict(spec.hparams, dict(cfg.algorithm.hparams), "algorithm.hparams")
+    dynamics = cfg.sampling.dynamics or spec.default_dynamics
+    if spec.kind == "likelihood":
+        _check(dynamics != "ode", f"`sampling.dynamics`=ode: {spec.name} needs a stochastic sampler "
+               "(flow_sde or cps) for its log-probabilities")
+    else:
+        _check(dynamics == "ode", f"`sampling.dynamics`={dynamics}: {spec.name} trains on the forward "
+               "process and samples with the deterministic ODE; remove the setting")
+    if spec.name == "guard":
+        _check(dynamics == "flow_sde", "GRPO-Guard is defined for Flow-SDE only: set "
+               "`sampling.dynamics: flow_sde`")
+    _check_threshold(spec.name, hparams)
+    trained_steps, first, stop = _check_sampling(cfg, dynamics)
+    total = _check_batch_geometry(cfg, world_size)
+    _check(cfg.optim.lr > 0, f"`optim.lr`={cfg.optim.lr}: must be > 0")
+    _check(cfg.train.num_iterations >= 1, "`train.num_iterations` must be >= 1")
+    _check(0.0 <= cfg.train.ema_decay < 1.0, "`train.ema_decay` must lie in [0, 1)")
+    _check(cfg.checkpoint.keep_last >= 1, "`checkpoint.keep_last` must be >= 1")
+    _check_rewards(cfg)
+    _check_model(cfg)
+    params = {"flow_sde": {"noise_level": cfg.sampling.noise_level},
+              "cps": {"eta": cfg.sampling.eta}, "ode": {}}[dynamics]
+    return ResolvedRun(cfg, spec, hparams, dynamics, params, trained_steps, first, stop, total)
