@@ -39,8 +39,12 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_sampling(cfg: RunConfig, dynamics: str) -> tuple[int, int, int]:
-    """Returns (trained steps per rollout, first window start, last window stop)."""
+def _check_sampling(cfg: RunConfig, dynamics: str, forward: bool) -> tuple[int, int, int]:
+    """Returns (trained steps per rollout, first window start, last window stop).
+
+    Forward-process methods train at the same number of grid times, drawn from the same
+    window, so every method gets the same training forwards per image.
+    """
     s = cfg.sampling
     _check(s.num_steps >= 2, f"`sampling.num_steps`={s.num_steps}: need at least 2 steps")
     _check(s.group_size >= 2, f"`sampling.group_size`={s.group_size}: group advantages need >= 2 "
@@ -53,7 +57,7 @@ def _check_sampling(cfg: RunConfig, dynamics: str) -> tuple[int, int, int]:
            f"`sampling.sde_window_range`={s.sde_window_range}: expected [lo, hi] with 0 <= lo < hi <= 1")
     # CPS's last step (t_next = 0) is deterministic and never trained.
     last_trainable = s.num_steps - 1 if dynamics == "cps" else s.num_steps
-    if dynamics == "ode":
+    if dynamics == "ode" and not forward:
         return 0, 0, 0
     if s.sde_window is None:
         return last_trainable, 0, last_trainable
@@ -147,7 +151,7 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
         _check(dynamics == "flow_sde", "GRPO-Guard is defined for Flow-SDE only: set "
                "`sampling.dynamics: flow_sde`")
     _check_threshold(spec.name, hparams)
-    trained_steps, first, stop = _check_sampling(cfg, dynamics)
+    trained_steps, first, stop = _check_sampling(cfg, dynamics, spec.kind == "forward")
     total = _check_batch_geometry(cfg, world_size)
     _check(cfg.optim.lr > 0, f"`optim.lr`={cfg.optim.lr}: must be > 0")
     _check(cfg.train.num_iterations >= 1, "`train.num_iterations` must be >= 1")

@@ -19,3 +19,19 @@ def load_builtin_worlds() -> None:
         except ModuleNotFoundError as err:
             if not (err.name and module.startswith(err.name)):
                 raise
+
+
+# builtin:<world> base models: "module:function" returning the base model's directory.
+BUILTIN_BASES = {
+    "digits": "flowdppo.worlds.digits:ensure_digits_base",
+    "shapes": "flowdppo.worlds.shapes:ensure_shapes_base",
+}
+
+
+def resolve_builtin_base(name: str) -> str:
+    """Directory of the built-in base model ``name`` (building and caching it if needed)."""
+    if name not in BUILTIN_BASES:
+        raise ValueError(f"`model.pretrained`=builtin:{name}: unknown built-in base; expected one "
+                         f"of {sorted(BUILTIN_BASES)}")
+    module, function = BUILTIN_BASES[name].split(":")
+    return str(getattr(importlib.import_module(module), function)())

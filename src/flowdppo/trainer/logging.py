@@ -1,0 +1,98 @@
+"""Run outputs: ``metrics.jsonl`` / ``eval.jsonl`` (flat keys), TensorBoard and wandb
+(namespaced keys). Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+# Flat key -> namespace for TensorBoard/wandb (STYLE 15).
+_NAMESPACES = (("reward", "reward/"), ("adv_", "adv/"), ("time_", "perf/"), ("eval_", "eval/"))
+
+
+def namespaced(key: str) -> str:
+    for prefix, space in _NAMESPACES:
+        if key.startswith(prefix):
+            return space + key
+    return "train/" + key
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class RunLogger:
+    """Appends JSON lines and mirrors scalars to TensorBoard / wandb."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool, wandb: bool, wandb_project: str,
+                 config: dict[str, Any], enabled: bool = True) -> None:
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError as err:
+                raise ValueError("`logging.wandb: true` needs wandb: pip install 'flowdppo[wandb]'") from err
+            self._wandb = wandb_module.init(project=wandb_project, config=config,
+                                            dir=str(output_dir), name=output_dir.name)
+
+    def log(self, file: str, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.output_dir / file, "a") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        step = int(row["step"])
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        prefix = "eval/" if file.startswith("eval") else ""
+        for key, value in scalars.items():
+            name = prefix + key if prefix else namespaced(key)
+            if self._tb is not None:
+                self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log({(prefix + k if prefix else namespaced(k)): v
+                             for k, v in scalars.items()}, step=step)
+
+    def add_image(self, tag: str, path: Path, step: int) -> None:
+        if self._tb is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(path).convert("RGB"))
+        self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep rows with ``step <= max_step`` (resume: drop rows written after the checkpoint)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= max_step]
+    write_text_atomic(path, "".join(row + "\n" for row in rows))

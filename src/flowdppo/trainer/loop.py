@@ -1,0 +1,348 @@
+"""The training loop: rollout -> rewards -> advantages -> updates -> eval / checkpoint.
+
+One loop for every method; the algorithm registry supplies the loss and its kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from ..advantages import compute_advantages
+from ..config import ResolvedRun, to_dict
+from ..dynamics import get_dynamics
+from . import setup
+from .checkpoint import (
+    CheckpointState,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_text_atomic,
+)
+from .evaluation import evaluate, save_grid
+from .logging import RunLogger, truncate_jsonl
+from .policy import (
+    ParamSnapshot,
+    ReferencePolicy,
+    apply_trainable,
+    trainable_named_parameters,
+    unwrap,
+)
+from .rollout import NoiseSource, Rollout, choose_window, sample_rollout
+from .update import accumulate_gradients, entries_for, forward_batch, likelihood_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What iteration ``it`` samples, identical on every process."""
+
+    prompts: list[str]  # global batch, group-major
+    metadata: list[dict[str, Any]]
+    group_ids: Tensor  # (B_global,)
+    steps: list[int]  # trained step indices (or forward-process time indices)
+
+
+class Trainer:
+    def __init__(self, resolved: ResolvedRun, output_dir: Path, resume: bool = False) -> None:
+        self.resolved = resolved
+        cfg = self.cfg = resolved.config
+        self.output_dir = output_dir
+        self.accelerator = setup.make_accelerator(cfg)
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.main:
+            setup.prepare_output_dir(output_dir, resume)
+        torch.manual_seed(cfg.seed)
+        self.prompts = setup.load_prompts(cfg)
+        device = self.accelerator.device
+        self.rewards = setup.build_rewards(cfg, device)
+        self.monitors = setup.build_monitors(cfg, device)
+        self.model = setup.load_model(cfg, device)
+        apply_trainable(self.model, cfg.lora, cfg.seed)
+        self.reference = ReferencePolicy(self.model, lora=cfg.lora.enabled)
+        self.params = trainable_named_parameters(self.model.transformer)
+        optimizer, self.scheduler = setup.make_optimizer(list(self.params.values()), resolved)
+        transformer, self.optimizer = self.accelerator.prepare(self.model.transformer, optimizer)
+        if cfg.model.compile or (cfg.model.compile is None and device.type == "cuda"):
+            transformer = torch.compile(transformer)
+        self.model.transformer = transformer
+        self.dynamics = get_dynamics(resolved.dynamics, **resolved.dynamics_params)
+        self.sigmas = self.model.sigmas(cfg.sampling.num_steps).cpu()
+        self.forward_kind = resolved.algorithm.kind == "forward"
+        self.old_policy = ParamSnapshot(self.params) if self.forward_kind else None
+        self.ema = ParamSnapshot(self.params) if cfg.train.ema_decay > 0 else None
+        self.start_iteration = 0
+        self.logger = RunLogger(output_dir, tensorboard=cfg.logging.tensorboard,
+                                wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                config=to_dict(cfg), enabled=self.main)
+        if resume:
+            self._resume()
+        elif self.main:
+            write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def plan(self, it: int) -> Plan:
+        s, cfg = self.cfg.sampling, self.cfg
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        train = self.prompts.train
+        picks = torch.randint(0, len(train), (s.num_groups,), generator=generator).tolist()
+        items = [train[i] for i in picks for _ in range(s.group_size)]
+        group_ids = torch.arange(s.num_groups).repeat_interleave(s.group_size)
+        r = self.resolved
+        steps = choose_window(generator, r.trained_steps, r.window_first, r.window_stop)
+        return Plan([i.prompt for i in items], [dict(i.metadata) for i in items], group_ids, steps)
+
+    def local_slice(self) -> slice:
+        per = self.resolved.samples_per_iteration // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def rollout(self, it: int, plan: Plan) -> tuple[Rollout, Any, list]:
+        """Sample this process's slice in chunks; rewards of a chunk score while the next samples."""
+        local = self.local_slice()
+        prompts, metadata = plan.prompts[local], plan.metadata[local]
+        cond = self.model.encode_prompts(prompts)
+        noise = NoiseSource(self.cfg.seed, it, len(plan.prompts), local.start, local.stop)
+        steps = [] if self.forward_kind else plan.steps
+        beta = getattr(self.resolved.hparams, "beta", 0.0) if not self.forward_kind else 0.0
+        reference = self.reference if beta > 0 else None
+        parts, futures = [], []
+        size = self.cfg.sampling.sample_batch_size
+        policy = self.old_policy.swapped_in() if self.old_policy else contextlib.nullcontext()
+        with policy, self.accelerator.autocast():
+            for lo in range(0, len(prompts), size):
+                hi = min(lo + size, len(prompts))
+                part = sample_rollout(self.model, self.dynamics, cond.index(slice(lo, hi)),
+                                      self.sigmas, noise.slice(lo, hi), steps,
+                                      guidance_scale=self.cfg.sampling.guidance_scale,
+                                      reference=reference)
+                parts.append(part)
+                images = self.model.decode(part.latents).float()
+                futures.append(self.rewards.submit(images, prompts[lo:hi], metadata[lo:hi]))
+        return Rollout.cat(parts), cond, futures
+
+    def score(self, futures: list, plan: Plan) -> tuple[dict[str, Tensor], Tensor, int]:
+        """Global rewards per name, the local advantages and the number of dropped images."""
+        results = [f.result() for f in futures]
+        local = {n: torch.cat([r[0][n] for r in results]) for n in results[0][0]}
+        device = self.accelerator.device
+        rewards = {n: self.accelerator.gather(v.to(device)).cpu() for n, v in local.items()}
+        finite = torch.stack([torch.isfinite(v) for v in rewards.values()]).all(dim=0)
+        dropped = int((~finite).sum())
+        if dropped and self.cfg.rewards.nonfinite == "error":
+            bad = [n for n, v in rewards.items() if not torch.isfinite(v).all()]
+            raise ValueError(f"non-finite rewards from {bad} for {dropped} images; fix the reward "
+                             "or set `rewards.nonfinite: drop` to drop such images (counted in metrics)")
+        advantages = torch.zeros(len(plan.prompts))
+        keep = finite.nonzero().squeeze(1)
+        if len(keep):
+            adv = self.cfg.advantages
+            advantages[keep] = compute_advantages(
+                {n: v[keep] for n, v in rewards.items()}, self.rewards.weights,
+                plan.group_ids[keep], mode=adv.mode, std_scope=adv.std_scope, clip=adv.clip)
+        advantages[~finite] = float("nan")  # marks dropped images; never reaches a loss
+        return rewards, advantages[self.local_slice()], dropped
+
+    def update(self, it: int, rollout: Rollout, cond, advantages: Tensor, plan: Plan) -> dict:
+        """``num_updates`` passes over the rollout, ``minibatches_per_pass`` steps each."""
+        cfg, spec, device = self.cfg, self.resolved.algorithm, self.accelerator.device
+        valid = torch.isfinite(advantages).nonzero().squeeze(1)
+        advantages = torch.nan_to_num(advantages, nan=0.0).to(device)
+        forward_inputs = self._forward_inputs(it, rollout, plan) if self.forward_kind else None
+        generator = torch.Generator().manual_seed(cfg.seed * 104_729 + it)
+        num_steps = len(plan.steps)
+        metrics_all = []
+        for _ in range(cfg.train.num_updates):
+            order = valid[torch.randperm(len(valid), generator=generator)]
+            for minibatch in order.chunk(cfg.train.minibatches_per_pass):
+                entries = entries_for(minibatch, num_steps)
+                metrics = accumulate_gradients(
+                    spec, self.resolved.hparams,
+                    lambda e: self._make_batch(e, rollout, cond, advantages, forward_inputs),
+                    entries, cfg.train.micro_batch_size,
+                    lambda: self.accelerator.no_sync(self.model.transformer),
+                    self.accelerator.backward)
+                metrics.update(self._optimizer_step())
+                metrics_all.append(metrics)
+        if self.old_policy is not None:
+            self.old_policy.update_ema(cfg.train.old_policy_ema)
+        if self.ema is not None:
+            self.ema.update_ema(cfg.train.ema_decay)
+        return {k: float(torch.stack([m[k] for m in metrics_all]).float().mean())
+                for k in metrics_all[0]}
+
+    def _forward_inputs(self, it: int, rollout: Rollout, plan: Plan) -> tuple[Tensor, Tensor]:
+        """Training times (the window's grid points) and fixed noise for forward methods."""
+        times = self.sigmas[plan.steps].float()
+        local = self.local_slice()
+        noise = NoiseSource(self.cfg.seed, -2 - it, len(plan.prompts), local.start, local.stop)
+        eps = torch.stack([noise.draw(j, self.model.latent_shape, self.accelerator.device)
+                           for j in range(len(plan.steps))], dim=1)
+        return times, eps
+
+    def _make_batch(self, entries, rollout, cond, advantages, forward_inputs):
+        gs = self.cfg.sampling.guidance_scale
+        with self.accelerator.autocast():
+            if forward_inputs is None:
+                return likelihood_batch(self.model, self.dynamics, rollout, advantages, cond,
+                                        entries, gs)
+            times, eps = forward_inputs
+            return forward_batch(self.model, rollout, advantages, cond, entries, times, eps,
+                                 self.old_policy.swapped_in, gs)
+
+    def _optimizer_step(self) -> dict[str, Tensor]:
+        clip = self.cfg.optim.grad_clip
+        params = list(self.params.values())
+        if clip > 0 and self.accelerator.sync_gradients:
+            grad_norm = self.accelerator.clip_grad_norm_(params, clip)
+        else:
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": torch.as_tensor(grad_norm).detach().float().cpu(),
+                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def iteration(self, it: int) -> dict[str, Any]:
+        plan = self.plan(it)
+        start = time.perf_counter()
+        rollout, cond, futures = self.rollout(it, plan)
+        time_rollout = time.perf_counter() - start
+        rewards, advantages, dropped = self.score(futures, plan)
+        time_reward = time.perf_counter() - start - time_rollout
+        start_update = time.perf_counter()
+        metrics = self.update(it, rollout, cond, advantages, plan)
+        row: dict[str, Any] = {"step": it + 1}
+        combined = sum(self.rewards.weights[n] * v for n, v in rewards.items())
+        finite = torch.isfinite(combined)
+        row["reward_mean"] = float(combined[finite].mean()) if finite.any() else float("nan")
+        row["reward_std"] = float(combined[finite].std()) if finite.sum() > 1 else 0.0
+        for name, values in rewards.items():
+            row[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
+        row["reward_num_nonfinite"] = dropped
+        row.update(metrics)
+        row["kl_unit"] = getattr(self.resolved.hparams, "reduce", "mean")
+        row["images_generated"] = (it + 1) * self.resolved.samples_per_iteration
+        row["time_rollout_s"] = time_rollout
+        row["time_reward_wait_s"] = time_reward
+        row["time_update_s"] = time.perf_counter() - start_update
+        return row
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if cfg.eval.at_start and self.start_iteration == 0:
+            self.run_eval(0)
+        progress = self._progress()
+        for it in range(self.start_iteration, cfg.train.num_iterations):
+            row = self.iteration(it)
+            self.logger.log("metrics.jsonl", row)
+            step = it + 1
+            last = step == cfg.train.num_iterations
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                self.run_eval(step)
+            if last or step % cfg.checkpoint.every == 0:
+                self.save(step)
+            if progress is not None:
+                progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                     kl=f"{row.get('kl_old_new_mean', 0.0):.1e}")
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        self.logger.close()
+        self.rewards.close()
+        return self.output_dir
+
+    def _progress(self):
+        if not (self.main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.num_iterations, initial=self.start_iteration,
+                    desc="flowdppo train", unit="it", dynamic_ncols=True)
+
+    def run_eval(self, step: int) -> dict[str, Any] | None:
+        if not self.main:
+            return None
+        cfg = self.cfg
+        items = self.prompts.eval[: cfg.eval.max_prompts]
+        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with context, self.accelerator.autocast():
+            result = evaluate(
+                self.model, items, samples_per_prompt=cfg.eval.samples_per_prompt,
+                sigmas=self.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
+                guidance_scale=cfg.sampling.guidance_scale, rewards=self.rewards,
+                monitors=self.monitors, reference=self.reference,
+                batch_size=cfg.sampling.sample_batch_size)
+        row = {"step": step, **result.row}
+        self.logger.log("eval.jsonl", row)
+        if cfg.eval.grid:
+            path = save_grid(result, self.output_dir / "samples" / f"eval_step_{step:06d}.png",
+                             cfg.rewards.items[0].name, samples_per_prompt=cfg.eval.samples_per_prompt)
+            self.logger.add_image("eval/samples", path, step)
+        self.logger.flush()
+        return row
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            return
+        snapshots = {}
+        for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
+            if snap is not None:
+                snapshots.update({prefix + k: v for k, v in snap.state_dict().items()})
+        state = CheckpointState(
+            step=step, trainable={k: v.detach() for k, v in self.params.items()},
+            snapshots=snapshots,
+            optimizer={"optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict()},
+            rng=rng_state(), extra={"algorithm": self.cfg.algorithm.name})
+        export = self._export_lora if self.cfg.lora.enabled else None
+        save_checkpoint(self.output_dir / "checkpoints", state, self.cfg.checkpoint.keep_last, export)
+
+    def _export_lora(self, directory: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        try:
+            self.model.export_lora(get_peft_model_state_dict(unwrap(self.model.transformer)),
+                                   directory)
+        except NotImplementedError as err:
+            logger.warning("LoRA export skipped: %s", err)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            raise ValueError(f"--resume {self.output_dir}: no complete checkpoint under "
+                             f"{self.output_dir / 'checkpoints'}")
+        state = load_checkpoint(path)
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state.trainable[name])
+        for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
+            if snap is not None:
+                snap.load_state_dict({k[len(prefix):]: v for k, v in state.snapshots.items()
+                                      if k.startswith(prefix)})
+        self.optimizer.load_state_dict(state.optimizer["optimizer"])
+        self.scheduler.load_state_dict(state.optimizer["scheduler"])
+        set_rng_state(state.rng)
+        self.start_iteration = state.step
+        if self.main:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                truncate_jsonl(self.output_dir / name, state.step)
+        logger.info("resumed from %s at iteration %d", path, state.step)
