@@ -1,0 +1,118 @@
+"""Rollout and replay plumbing on a fake linear model (independent of diffusers)."""
+
+from __future__ import annotations
+
+import torch
+
+from fake_model import FakeFlowModel
+from flowdppo.algorithms import get_algorithm
+from flowdppo.dynamics import get_dynamics
+from flowdppo.trainer.rollout import NoiseSource, Rollout, choose_window, sample_rollout
+from flowdppo.trainer.update import (
+    accumulate_gradients,
+    combine_metrics,
+    entries_for,
+    likelihood_batch,
+)
+
+PROMPTS = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+
+
+def _rollout(model, steps, noise, prompts=PROMPTS, dynamics="flow_sde"):
+    dyn = get_dynamics(dynamics)
+    return sample_rollout(model, dyn, model.encode_prompts(prompts), model.sigmas(6), noise, steps)
+
+
+def test_noise_of_a_row_does_not_depend_on_the_split():
+    full = NoiseSource(seed=3, stream=5, global_batch=6, start=0, stop=6)
+    whole = full.draw(2, (1, 2, 2), torch.device("cpu"))
+    parts = torch.cat([full.slice(0, 2).draw(2, (1, 2, 2), torch.device("cpu")),
+                       NoiseSource(3, 5, 6, 2, 6).draw(2, (1, 2, 2), torch.device("cpu"))])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, full.draw(3, (1, 2, 2), torch.device("cpu")))
+
+
+def test_chunked_rollout_equals_one_batch():
+    model = FakeFlowModel()
+    noise = NoiseSource(0, 1, 6, 0, 6)
+    one = _rollout(model, [1, 2], noise)
+    chunks = Rollout.cat([_rollout(model, [1, 2], noise.slice(0, 4), PROMPTS[:4]),
+                          _rollout(model, [1, 2], noise.slice(4, 6), PROMPTS[4:])])
+    for name in ("latents", "x_t", "x_next", "mean_old", "std", "t", "t_next"):
+        torch.testing.assert_close(getattr(one, name), getattr(chunks, name))
+
+
+def test_record_holds_only_the_window_and_steps_outside_are_euler():
+    model = FakeFlowModel()
+    noise = NoiseSource(0, 1, 6, 0, 6)
+    rollout = _rollout(model, [2, 3], noise)
+    assert rollout.x_t.shape == (6, 2, 1, 2, 2)
+    sigmas = model.sigmas(6)
+    torch.testing.assert_close(rollout.t[0], sigmas[2:4].float())
+    # x_next of step 2 is the x_t of step 3: the trajectory is continuous.
+    torch.testing.assert_close(rollout.x_next[:, 0], rollout.x_t[:, 1])
+    # With no trained step the rollout is the Euler ODE.
+    ode = _rollout(model, [], noise)
+    x = noise.draw(0, model.latent_shape, torch.device("cpu"))
+    cond = model.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        for i in range(6):
+            t = torch.full((6,), float(sigmas[i]))
+            x = x - model.predict_velocity(x, t, cond) * float(sigmas[i] - sigmas[i + 1])
+    torch.testing.assert_close(ode.latents, x)
+
+
+def test_window_lies_in_its_range():
+    gen = torch.Generator().manual_seed(0)
+    starts = {choose_window(gen, 3, 1, 6)[0] for _ in range(200)}
+    assert starts == {1, 2, 3}
+
+
+def test_first_replay_has_ratio_one_and_zero_kl():
+    model = FakeFlowModel()
+    dyn = get_dynamics("flow_sde")
+    rollout = _rollout(model, [0, 1, 2], NoiseSource(0, 1, 6, 0, 6))
+    cond = model.encode_prompts(PROMPTS)
+    adv = torch.linspace(-1, 1, 6)
+    batch = likelihood_batch(model, dyn, rollout, adv, cond, entries_for(torch.arange(6), 3), 1.0)
+    _, metrics = get_algorithm("dppo")(batch, get_algorithm("dppo").make_hparams())
+    assert abs(float(metrics["ratio_max"]) - 1) < 1e-6 and abs(float(metrics["ratio_min"]) - 1) < 1e-6
+    assert float(metrics["kl_old_new_max"]) < 1e-12
+
+
+def test_micro_batched_gradient_equals_the_full_batch_gradient():
+    model = FakeFlowModel()
+    dyn = get_dynamics("flow_sde")
+    rollout = _rollout(model, [0, 1, 2], NoiseSource(0, 1, 6, 0, 6))
+    with torch.no_grad():  # move away from the old policy so the loss is not trivial
+        model.transformer.lin.weight.add_(0.05)
+    cond = model.encode_prompts(PROMPTS)
+    adv = torch.linspace(-1, 1, 6)
+    spec = get_algorithm("grpo")
+    hp = spec.make_hparams(clip_range=10.0)
+    entries = entries_for(torch.arange(6), 3)
+
+    def grads(micro):
+        model.transformer.zero_grad()
+        metrics = accumulate_gradients(
+            spec, hp, lambda e: likelihood_batch(model, dyn, rollout, adv, cond, e, 1.0), entries,
+            micro, _null, lambda loss: loss.backward())
+        return model.transformer.lin.weight.grad.clone(), metrics
+
+    full, m_full = grads(18)
+    micro, m_micro = grads(4)
+    torch.testing.assert_close(full, micro, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m_full["ratio_max"], m_micro["ratio_max"])
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_combine_metrics_weights_means_and_keeps_extremes():
+    parts = [(1, {"a": torch.tensor(1.0), "r_min": torch.tensor(0.5), "r_max": torch.tensor(2.0)}),
+             (3, {"a": torch.tensor(3.0), "r_min": torch.tensor(0.7), "r_max": torch.tensor(1.0)})]
+    out = combine_metrics(parts)
+    assert float(out["a"]) == 2.5 and float(out["r_min"]) == 0.5 and float(out["r_max"]) == 2.0
