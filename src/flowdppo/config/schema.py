@@ -92,6 +92,7 @@ class TrainConfig:
     micro_batch_size: int = 64  # (sample, step) entries per forward/backward, per process
     ema_decay: float = 0.0  # EMA of trainable weights used for evaluation (0 = off)
     old_policy_ema: float = 0.5  # forward-process methods: sampling policy = EMA of theta
+    diagnostic_clip_range: float = 1e-4  # ratio clip compared with the exact KL (diag_*); 0 = off
 
 
 @dataclass

@@ -17,6 +17,7 @@ import yaml
 from torch import Tensor
 
 from ..advantages import compute_advantages
+from ..algorithms.diagnostics import ratio_vs_divergence
 from ..config import ResolvedRun, to_dict
 from ..dynamics import get_dynamics
 from . import setup
@@ -173,7 +174,7 @@ class Trainer:
                     lambda e: self._make_batch(e, rollout, cond, advantages, forward_inputs),
                     entries, cfg.train.micro_batch_size,
                     lambda: self.accelerator.no_sync(self.model.transformer),
-                    self.accelerator.backward)
+                    self.accelerator.backward, self._diagnose)
                 metrics.update(self._optimizer_step())
                 metrics_all.append(metrics)
         if self.old_policy is not None:
@@ -182,6 +183,13 @@ class Trainer:
             self.ema.update_ema(cfg.train.ema_decay)
         return {k: float(torch.stack([m[k] for m in metrics_all]).float().mean())
                 for k in metrics_all[0]}
+
+    def _diagnose(self, batch) -> dict[str, Tensor]:
+        clip = self.cfg.train.diagnostic_clip_range
+        if self.forward_kind or clip <= 0:
+            return {}
+        reduce = getattr(self.resolved.hparams, "reduce", "mean")
+        return ratio_vs_divergence(batch, clip_range=clip, reduce=reduce)
 
     def _forward_inputs(self, it: int, rollout: Rollout, plan: Plan) -> tuple[Tensor, Tensor]:
         """Training times (the window's grid points) and fixed noise for forward methods."""

@@ -105,18 +105,23 @@ def accumulate_gradients(
     spec: AlgorithmSpec, hparams: Any, make_batch: Callable[[Entries], Any], entries: Entries,
     micro_batch_size: int, no_sync: Callable[[], contextlib.AbstractContextManager],
     backward: Callable[[Tensor], None],
+    diagnose: Callable[[Any], dict[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Sum the gradients of the mean loss over ``entries`` in micro-batches.
 
     Every micro-batch's loss is a mean over its entries; scaling by its share of the
     entries makes the accumulated gradient that of the mean over all of them.
+    ``diagnose(batch)`` adds metrics computed on the same batch (no gradient).
     """
     parts: list[tuple[int, dict[str, Tensor]]] = []
     chunks = entries.split(micro_batch_size)
     for i, chunk in enumerate(chunks):
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else no_sync()
         with sync:
-            loss, metrics = spec(make_batch(chunk), hparams)
+            batch = make_batch(chunk)
+            loss, metrics = spec(batch, hparams)
+            if diagnose is not None:
+                metrics = {**metrics, **diagnose(batch)}
             backward(loss * (len(chunk) / len(entries)))
         parts.append((len(chunk), {"loss": loss.detach(), **metrics}))
     return combine_metrics(parts)
