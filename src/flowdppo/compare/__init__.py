@@ -1,0 +1,1 @@
+"""`flowdppo compare`: methods side by side on small offline benchmarks."""
