@@ -1,5 +1,9 @@
-"""Pure losses, one file per method, chosen by name through a registry."""
+"""Pure losses, one file per method, chosen by name through a registry.
 
+Importing this package registers ``"grpo"``, ``"cps"``, ``"guard"``, ``"dppo"`` and ``"nft"``.
+"""
+
+from . import cps, dppo, grpo, guard, nft  # noqa: F401  (registration side effect)
 from .base import (
     ALGORITHMS,
     AlgorithmSpec,
@@ -9,6 +13,7 @@ from .base import (
     get_algorithm,
     register_algorithm,
 )
+from .dppo import dppo_keep_mask
 
 __all__ = [
     "ALGORITHMS",
@@ -16,6 +21,7 @@ __all__ = [
     "LossOutput",
     "PolicyStepBatch",
     "VelocityBatch",
+    "dppo_keep_mask",
     "get_algorithm",
     "register_algorithm",
 ]
