@@ -61,7 +61,7 @@ def test_unknown_algorithm_lists_valid_names():
 
 
 def test_threshold_units_are_checked():
-    with pytest.raises(ConfigError, match="TV the threshold is a probability"):
+    with pytest.raises(ConfigError, match="with divergence tv the threshold is a probability"):
         _resolve(algorithm={"name": "dppo", "hparams": {"divergence": "tv", "threshold": 2.0}})
     with pytest.raises(ConfigError, match="sum-convention thresholds"):
         _resolve(algorithm={"name": "dppo", "hparams": {"threshold": 50.0}})

@@ -42,27 +42,27 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[-1] if errors else f"{where}: got None, expected a value")
+        raise ConfigError(errors[-1] if errors else f"`{where}`: got None, expected a value")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{extra}")
+            raise ConfigError(f"`{where}`: {value!r} is not one of {list(allowed)}{extra}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected a mapping, got {type(value).__name__} {value!r}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected a list, got {type(value).__name__} {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if tp is float:
         if isinstance(value, str):
@@ -72,17 +72,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"`{where}`: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         return value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+    raise ConfigError(f"`{where}`: unsupported field type {_type_name(tp)}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -96,7 +96,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             hint = difflib.get_close_matches(key, fields, n=1)
             extra = f"; did you mean `{hint[0]}`?" if hint else f" (valid: {sorted(fields)})"
             raise ConfigError(f"`{dotted}`: unknown key{extra}")
-        kwargs[key] = _convert(value, hints[key], f"`{dotted}`")
+        kwargs[key] = _convert(value, hints[key], dotted)
     return cls(**kwargs)
 
 
