@@ -1,0 +1,360 @@
+"""What the diffusers adapters (SD3, FLUX.1, FLUX.2) share: dtype parsing, offline loading,
+the prompt-embedding cache, the sampling grid from a scheduler, LoRA export, and the
+adapter life cycle (:class:`DiffusersFlowModel`).
+
+A family adapter supplies four small hooks: ``_encode_batch`` (the pipeline's own
+``encode_prompt``), ``_forward`` (one transformer call, CFG included), ``_to_vae_latents``
+(undo the latent normalisation) and ``_schedule_kwargs`` (the pipeline's shift arguments).
+Diffusers is imported lazily so importing flowdppo stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import Conditioning, FlowModel
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny-random"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def parse_dtype(value: str | torch.dtype, name: str = "dtype") -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` (or a torch dtype among them) as a torch dtype."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"{name}={value!r}: expected one of {sorted(DTYPES)}")
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    # A hub id is "owner/name"; anything anchored or deeper is a local path.
+    return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
+
+
+def _download_hint(repo_id: str) -> str:
+    return (f"download it first:\n  huggingface-cli download {repo_id}\n(gated models such as "
+            "SD3.5 and FLUX.1-dev need `huggingface-cli login` and the licence accepted on the "
+            "model page), or pass a local directory as `pretrained`")
+
+
+def load_pipeline(pipeline_cls: type, pretrained: str, *, dtype: torch.dtype,
+                  vae_dtype: torch.dtype, allow_download: bool = False) -> Any:
+    """``pipeline_cls.from_pretrained`` from a local directory or the local Hugging Face cache.
+
+    Nothing is downloaded unless ``allow_download`` is set and ``HF_HUB_OFFLINE`` is not;
+    a missing model raises ``FileNotFoundError`` naming the path or the download command.
+    The VAE loads in ``vae_dtype`` directly (casting a bf16 copy up would lose precision).
+    """
+    dtypes = {"default": dtype, "vae": vae_dtype}
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return pipeline_cls.from_pretrained(str(path), torch_dtype=dtypes)
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"pretrained={pretrained!r}: no such directory ({path.resolve()}); "
+                                f"give an existing local pipeline directory or a hub id")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    local_only = offline or not allow_download
+    if local_only:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "model_index.json")
+        if not isinstance(cached, str):
+            why = "HF_HUB_OFFLINE is set" if offline else "allow_download=False"
+            raise FileNotFoundError(f"pretrained={pretrained!r} is not in the local Hugging Face "
+                                    f"cache and {why}; {_download_hint(pretrained)}")
+    return pipeline_cls.from_pretrained(pretrained, torch_dtype=dtypes, local_files_only=local_only)
+
+
+class PromptCache:
+    """Least-recently-used cache of per-prompt encodings, kept on the CPU.
+
+    Each entry maps a prompt to its rows ``{name: Tensor}`` (no batch dimension). CPU
+    storage bounds accelerator memory: a T5 embedding of 512 tokens is ~4 MB in bf16.
+    """
+
+    def __init__(self, max_size: int = 256) -> None:
+        if max_size < 1:
+            raise ValueError(f"prompt_cache_size={max_size}: must be >= 1")
+        self.max_size = max_size
+        self._rows: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def rows(self, prompts: Sequence[str],
+             encode: Callable[[list[str]], dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Rows for ``prompts``; the missing unique prompts are encoded in one batch."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        fresh: dict[str, dict[str, Tensor]] = {}
+        if missing:
+            batch = encode(missing)
+            for i, prompt in enumerate(missing):
+                fresh[prompt] = {k: v[i].detach().to("cpu") for k, v in batch.items()}
+        out = []
+        for prompt in prompts:
+            row = fresh.get(prompt) or self._rows[prompt]
+            self._rows[prompt] = row
+            self._rows.move_to_end(prompt)
+            out.append(row)
+        while len(self._rows) > self.max_size:
+            self._rows.popitem(last=False)
+        return out
+
+
+def scheduler_sigmas(scheduler: Any, num_steps: int, **kwargs: Any) -> Tensor:
+    """The grid ``t_0 = 1 > ... > t_K = 0`` a fresh copy of ``scheduler`` uses for ``num_steps``.
+
+    ``kwargs`` go to ``set_timesteps`` as the pipeline passes them (``sigmas``, ``mu``).
+    Returns a float64 tensor of shape `(num_steps + 1,)` on the CPU.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps}: need at least 1 sampling step")
+    fresh = type(scheduler).from_config(scheduler.config)  # leave the pipeline's state alone
+    fresh.set_timesteps(num_steps, device="cpu", **kwargs)
+    sigmas = fresh.sigmas.to(torch.float64).cpu()
+    if sigmas.shape != (num_steps + 1,) or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"{type(scheduler).__name__} gave sigmas of shape {tuple(sigmas.shape)} "
+                         f"ending at {float(sigmas[-1])}; expected ({num_steps + 1},) ending at 0")
+    return sigmas
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def export_transformer_lora(pipeline_cls: type, transformer: nn.Module,
+                            lora_state_dict: dict[str, Tensor], directory: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with ``pipeline_cls.save_lora_weights``.
+
+    ``lora_state_dict`` is peft's ``get_peft_model_state_dict(transformer)`` (keys such as
+    ``transformer_blocks.0.attn.to_q.lora_A.weight``: already the format diffusers' LoRA
+    loaders read; a ``base_model.model.`` prefix from ``peft.get_peft_model`` is removed).
+    The adapter's LoraConfig is stored as metadata so ``load_lora_weights`` restores
+    ``lora_alpha`` (without it diffusers assumes alpha = r and the scale would be wrong).
+    """
+    if not lora_state_dict:
+        raise ValueError("lora_state_dict is empty: pass get_peft_model_state_dict(transformer) "
+                         "of a transformer with a LoRA adapter")
+    prefix = "base_model.model."
+    weights = {k.removeprefix(prefix): v.detach().to("cpu").contiguous()
+               for k, v in lora_state_dict.items()}
+    configs = getattr(unwrap_module(transformer), "peft_config", None) or {}
+    config = configs.get("default") or (next(iter(configs.values())) if configs else None)
+    if config is None:
+        logger.warning("transformer has no peft_config: LoRA exported without metadata "
+                       "(loaders will assume lora_alpha = r)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(
+        str(directory), transformer_lora_layers=weights,
+        transformer_lora_adapter_metadata=config.to_dict() if config is not None else None,
+    )
+    return directory / LORA_WEIGHT_NAME
+
+
+def flux_timestep(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """The FLUX transformers' timestep for times ``t`` in [0, 1].
+
+    They take ``t`` itself (and multiply by 1000 inside); the pipelines first round the
+    scheduler's 0-1000 value to the latents' dtype and divide by 1000, which we mirror so
+    bf16 runs see the same timestep embedding as the pipeline.
+    """
+    return (t * 1000.0).to(dtype) / 1000.0
+
+
+class DiffusersFlowModel(FlowModel):
+    """Shared life cycle of the diffusers adapters; a family subclass adds the hooks.
+
+    Args:
+        pretrained (`str`, defaults to ``"tiny-random"``): a local pipeline directory, a hub
+            id in the local Hugging Face cache, or ``"tiny-random"`` (a random pipeline from
+            :mod:`flowdppo.models.tiny`, built in-process).
+        dtype (`str`, defaults to ``"bf16"``): transformer and text-encoder weights.
+        vae_dtype (`str`, defaults to ``"fp32"``): VAE weights (decode runs in this dtype).
+        resolution (`int`, *optional*): image side in pixels; 512 (64 for tiny-random).
+        max_sequence_length (`int`, *optional*): text tokens; the pipeline's default (16 for
+            tiny-random).
+        device (`str`, defaults to ``"cpu"``): where every component lives.
+        seed (`int`, defaults to 0): weights of ``"tiny-random"``.
+        allow_download (`bool`, defaults to False): let ``from_pretrained`` download a hub id
+            missing from the cache (never when ``HF_HUB_OFFLINE=1``).
+        prompt_cache_size (`int`, defaults to 256): prompts whose encodings are kept.
+        **options: family-specific arguments (see the subclass).
+    """
+
+    family: ClassVar[str] = ""
+    pipeline_class_name: ClassVar[str] = ""
+    default_max_sequence_length: ClassVar[int] = 512
+
+    def __init__(self, pretrained: str = TINY, *, dtype: str | torch.dtype = "bf16",
+                 vae_dtype: str | torch.dtype = "fp32", resolution: int | None = None,
+                 max_sequence_length: int | None = None, device: str | torch.device = "cpu",
+                 seed: int = 0, allow_download: bool = False, prompt_cache_size: int = 256,
+                 **options: Any) -> None:
+        weights, vae_weights = parse_dtype(dtype), parse_dtype(vae_dtype, "vae_dtype")
+        if pretrained == TINY:
+            from .tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_RESOLUTION, build_tiny_pipeline
+
+            pipe = build_tiny_pipeline(self.family, seed).to(dtype=weights)
+            pipe.vae.to(dtype=vae_weights)
+            resolution = resolution or TINY_RESOLUTION
+            max_sequence_length = max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
+        else:
+            pipe = load_pipeline(self.pipeline_class(), pretrained, dtype=weights,
+                                 vae_dtype=vae_weights, allow_download=allow_download)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        self._setup(pipe, resolution or 512, max_sequence_length, prompt_cache_size, options)
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, resolution: int = 512,
+                      max_sequence_length: int | None = None, prompt_cache_size: int = 256,
+                      **options: Any) -> DiffusersFlowModel:
+        """Wrap an existing pipeline (its weights, dtypes and device are used as they are)."""
+        model = cls.__new__(cls)
+        model._setup(pipe, resolution, max_sequence_length, prompt_cache_size, options)
+        return model
+
+    def _setup(self, pipe: Any, resolution: int, max_sequence_length: int | None,
+               prompt_cache_size: int, options: dict[str, Any]) -> None:
+        if not isinstance(pipe, self.pipeline_class()):
+            raise ValueError(f"{type(self).__name__} wraps a {self.pipeline_class_name}; got "
+                             f"{type(pipe).__name__}")
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        # Recorded now: the trainer may wrap the transformer (DDP, compile) later.
+        self._weight_dtype = pipe.transformer.dtype
+        for name, component in pipe.components.items():
+            if name != "transformer" and isinstance(component, nn.Module):
+                component.requires_grad_(False).eval()  # frozen, never in the graph
+        self.resolution = int(resolution)
+        self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
+        self._cache = PromptCache(prompt_cache_size)
+        self._negative: Conditioning | None = None
+        self._init_family(**options)
+        self.latent_shape = self._latent_shape(self.resolution)
+
+    def _init_family(self, **options: Any) -> None:
+        """Family-specific set-up; the base rejects unknown options."""
+        if options:
+            raise ValueError(f"{type(self).__name__}: unknown arguments {sorted(options)}")
+
+    def _check_resolution(self, multiple: int) -> None:
+        if self.resolution <= 0 or self.resolution % multiple:
+            raise ValueError(f"resolution={self.resolution}: {self.family} needs a positive "
+                             f"multiple of {multiple} pixels")
+
+    # -- prompts -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode with the pipeline's ``encode_prompt``, once per distinct prompt (cached).
+
+        Returns:
+            `Conditioning` of length ``len(prompts)`` on the model's device (see the family
+            for the tensor names).
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r}")
+        rows = self._cache.rows(list(prompts), self._encode_batch)
+        device = self.device
+        return Conditioning({k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]})
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached encodings (after a text encoder's weights change)."""
+        self._cache.clear()
+        self._negative = None
+
+    def _negative_rows(self, batch: int) -> dict[str, Tensor]:
+        """The empty prompt's encoding (the pipelines' default negative), ``batch`` rows."""
+        if self._negative is None:
+            self._negative = self.encode_prompts([""])
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._negative.tensors.items()}
+
+    # -- flow ----------------------------------------------------------------------------
+    def predict_velocity(self, x_t: Tensor, t: Tensor, cond: Conditioning,
+                         guidance_scale: float = 1.0) -> Tensor:
+        batch = x_t.shape[0]
+        if tuple(x_t.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (B, "
+                             f"{', '.join(map(str, self.latent_shape))}) at resolution "
+                             f"{self.resolution}")
+        if t.shape != (batch,) or len(cond) != batch:
+            raise ValueError(f"t has shape {tuple(t.shape)} and cond {len(cond)} rows; expected "
+                             f"({batch},) and {batch} (one per sample)")
+        device, dtype = x_t.device, self._weight_dtype
+        tensors = {k: v.to(device, dtype) for k, v in cond.tensors.items()}
+        v = self._forward(x_t.to(dtype), t.to(device, torch.float32), tensors,
+                          float(guidance_scale))
+        return v.float()
+
+    def _guided(self, run: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor,
+                t: Tensor, tensors: dict[str, Tensor], guidance_scale: float,
+                use_cfg: bool) -> Tensor:
+        """``run`` once, or CFG with [uncond, cond] in ONE batch, both halves in the graph:
+        ``v = v_u + w (v_c - v_u)``."""
+        if not use_cfg:
+            return run(x, t, tensors)
+        negative = self._negative_rows(x.shape[0])
+        both = {k: torch.cat([negative[k].to(v.dtype), v]) for k, v in tensors.items()}
+        v_uncond, v_cond = run(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    def _to_vae_latents(self, latents: Tensor) -> Tensor:
+        """Undo the latent normalisation (SD3 / FLUX.1: scaling and shift factors)."""
+        config = self.pipe.vae.config
+        return latents / config.scaling_factor + config.shift_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """VAE decode in the VAE's dtype (autocast off); images `(B, 3, H, W)` in [0, 1]."""
+        vae = self.pipe.vae
+        with torch.autocast(latents.device.type, enabled=False):
+            z = self._to_vae_latents(latents.to(vae.device, torch.float32)).to(vae.dtype)
+            images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        return scheduler_sigmas(self.pipe.scheduler, num_steps, **self._schedule_kwargs(num_steps))
+
+    def export_lora(self, lora_state_dict: dict[str, Tensor], directory: str | Path) -> Path:
+        return export_transformer_lora(self.pipeline_class(), self.transformer, lora_state_dict,
+                                       directory)
+
+    # -- family hooks --------------------------------------------------------------------
+    def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor],
+                 guidance_scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def _schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
+        raise NotImplementedError
