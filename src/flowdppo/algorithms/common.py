@@ -139,21 +139,25 @@ def ratio_metrics(log_r: Tensor, kl: Tensor, advantages: Tensor) -> dict[str, Te
     return {k: v.float() for k, v in out.items()}
 
 
-def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, dict]:
+def clipped_surrogate(log_r: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, dict]:
     """PPO per-entry loss ``-min(r A, clip(r, 1-eps, 1+eps) A)`` and the clip fractions.
 
     ``clip_frac`` counts the entries whose gradient the clip removes: ``A > 0, r > 1 + eps``
     (``clip_frac_high``) or ``A < 0, r < 1 - eps`` (``clip_frac_low``); fractions of all entries.
+    Clipped entries are the constants ``(1 +- eps) A``; their ratio is recomputed from a
+    zeroed log-ratio so an overflowing ``r`` cannot turn their zero gradient into NaN.
     """
     check_positive("clip_range", clip_range)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_range, 1 + clip_range) * advantages
     with torch.no_grad():
-        high = ((advantages > 0) & (ratio > 1 + clip_range)).float().mean()
-        low = ((advantages < 0) & (ratio < 1 - clip_range)).float().mean()
-        metrics = {"clip_frac": (high + low).float(), "clip_frac_high": high.float(),
-                   "clip_frac_low": low.float()}
-    return -torch.minimum(unclipped, clipped), metrics
+        ratio = log_r.exp()
+        high = (advantages > 0) & (ratio > 1 + clip_range)
+        low = (advantages < 0) & (ratio < 1 - clip_range)
+        clipped = high | low
+        bound = torch.where(high, 1 + clip_range, 1 - clip_range).to(log_r.dtype)
+        metrics = {"clip_frac": clipped.float().mean(), "clip_frac_high": high.float().mean(),
+                   "clip_frac_low": low.float().mean()}
+    ratio = torch.where(clipped, torch.zeros_like(log_r), log_r).exp()
+    return -torch.where(clipped, bound * advantages, ratio * advantages), metrics
 
 
 def finish(loss_policy: Tensor, loss_kl_ref: Tensor, metrics: dict[str, Tensor]) -> LossOutput:

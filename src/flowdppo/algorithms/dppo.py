@@ -118,9 +118,11 @@ def dppo_loss(
     else:
         d = kl
     direction = log_r.detach() if mask == "exact" else log_r.detach() - kl
-    keep = dppo_keep_mask(replay.advantages, direction, d, threshold).to(log_r.dtype)
-    loss_policy = aggregate(-keep * log_r.exp() * replay.advantages)
+    keep = dppo_keep_mask(replay.advantages, direction, d, threshold)
+    # Masked entries see a zeroed log-ratio: an overflowing r there must not make NaN gradients.
+    ratio = torch.where(keep, log_r, torch.zeros_like(log_r)).exp()
+    loss_policy = aggregate(-torch.where(keep, ratio * replay.advantages, torch.zeros_like(ratio)))
     loss_kl_ref, ref_metrics = reference_kl(replay, beta, reduce)
-    metrics = {**ratio_metrics(log_r, kl, replay.advantages), **_mask_metrics(keep > 0, replay.advantages),
+    metrics = {**ratio_metrics(log_r, kl, replay.advantages), **_mask_metrics(keep, replay.advantages),
                **extra, **ref_metrics}
     return finish(loss_policy, loss_kl_ref, metrics)

@@ -48,7 +48,7 @@ def clip_loss(
     check_reduce(reduce)
     replay = prepare(batch)
     log_r = log_ratio(replay, reduce, normalised=normalised)
-    per_entry, clip_metrics = clipped_surrogate(log_r.exp(), replay.advantages, clip_range)
+    per_entry, clip_metrics = clipped_surrogate(log_r, replay.advantages, clip_range)
     loss_kl_ref, ref_metrics = reference_kl(replay, beta, reduce)
     metrics = {**ratio_metrics(log_r, kl_old_new(replay, reduce), replay.advantages),
                **clip_metrics, **ref_metrics}

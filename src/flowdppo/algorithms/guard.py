@@ -55,11 +55,11 @@ def guard_loss(batch: PolicyStepBatch, *, clip_range: float, reduce: str, beta: 
     log_r = log_ratio(replay, reduce)
     kl = kl_old_new(replay, reduce)
     log_r_hat = replay.s * (log_r + kl)
-    ratio_hat = log_r_hat.exp()
-    per_entry, clip_metrics = clipped_surrogate(ratio_hat, replay.advantages, clip_range)
+    per_entry, clip_metrics = clipped_surrogate(log_r_hat, replay.advantages, clip_range)
     weights = (1 / dt) / (1 / dt).mean()
     loss_kl_ref, ref_metrics = reference_kl(replay, beta, reduce)
     with torch.no_grad():
+        ratio_hat = log_r_hat.exp()
         hat = {"ratio_hat_min": ratio_hat.min().float(), "ratio_hat_max": ratio_hat.max().float()}
     metrics = {**ratio_metrics(log_r, kl, replay.advantages), **clip_metrics, **hat, **ref_metrics}
     return finish(aggregate(per_entry, weights), loss_kl_ref, metrics)
