@@ -1,0 +1,463 @@
+"""``flowdppo serve-reward``: host rewards over HTTP for the ``remote`` reward.
+
+Protocol (see :mod:`flowdppo.rewards.remote`): ``POST /score`` scores a batch with every hosted
+reward (or the ``rewards`` named in the request), ``GET /health`` lists them. Answers:
+200 with the rewards; 400 (JSON ``error``) for a malformed request; 404 unknown path;
+413 body too large; 500 with the reward's exception message; 504 when scoring outlasts
+``request_timeout_s``. Every request gets an answer; the connection then closes.
+
+Batching. One worker thread scores; requests wait in a queue. The worker coalesces the
+requests already waiting (same image shape, same reward names) into one batch of at most
+``max_batch_size`` images, and splits any batch into ``max_batch_size`` chunks per reward
+call, so concurrent trainer processes share forward passes and the models see one caller.
+With several rewards hosted and all computed, ``weighted_sum`` = sum of weight * reward is
+returned too. Per-image ``info`` entries (lists of length B) are returned per request.
+
+Only the standard library (``http.server``) is used; torch and numpy load with the rewards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_SUM = "weighted_sum"
+_STOP = object()  # queue sentinel: the worker exits
+
+
+@dataclass
+class _Job:
+    """One request's batch: `(B, C, H, W)` float32 numpy images, B prompts, B metadata."""
+
+    images: Any
+    prompts: list[str]
+    metadata: list[dict]
+    names: tuple[str, ...]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    def compatible(self, other: _Job) -> bool:
+        return self.names == other.names and self.images.shape[1:] == other.images.shape[1:]
+
+
+class RewardService:
+    """Scores queued jobs on one worker thread, coalescing waiting jobs (see module docstring)."""
+
+    def __init__(
+        self, rewards: Sequence[Any], max_batch_size: int = 64, coalesce: bool = True
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}; expected >= 1")
+        self.rewards = {item.name: item for item in rewards}
+        if len(self.rewards) != len(rewards) or WEIGHTED_SUM in self.rewards:
+            raise ValueError(
+                f"reward names must be unique and not {WEIGHTED_SUM!r}: "
+                f"{[item.name for item in rewards]}"
+            )
+        self.max_batch_size, self.coalesce = max_batch_size, coalesce
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="reward-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: _Job) -> _Job:
+        self._queue.put(job)
+        return job
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker; a reward still running is left to finish on its daemon thread."""
+        self._queue.put(_STOP)
+        self._worker.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        carry = None
+        while True:
+            job = carry if carry is not None else self._queue.get()
+            if job is _STOP:
+                return
+            batch, carry = self._gather(job)
+            self._process(batch)
+
+    def _gather(self, job: _Job) -> tuple[list[_Job], Any]:
+        """``job`` plus the compatible jobs already waiting (up to max_batch_size images)."""
+        batch, size = [job], job.images.shape[0]
+        while self.coalesce and size < self.max_batch_size:
+            try:
+                other = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+            if (
+                other is _STOP
+                or not job.compatible(other)
+                or size + other.images.shape[0] > self.max_batch_size
+            ):
+                return batch, other
+            batch.append(other)
+            size += other.images.shape[0]
+        return batch, None
+
+    def _process(self, batch: list[_Job]) -> None:
+        import numpy as np
+
+        try:
+            images = np.concatenate([job.images for job in batch])
+            prompts = [p for job in batch for p in job.prompts]
+            metadata = [m for job in batch for m in job.metadata]
+            values, infos = self.score(images, prompts, metadata, batch[0].names)
+            start = 0
+            for job in batch:
+                end = start + job.images.shape[0]
+                job.result = {
+                    "rewards": {k: v[start:end] for k, v in values.items()},
+                    "info": {
+                        k: {key: v[start:end] for key, v in info.items()}
+                        for k, info in infos.items()
+                    },
+                }
+                start = end
+        except Exception as err:  # the reward's failure goes back to every caller as a 500
+            logger.exception("reward scoring failed")
+            for job in batch:
+                job.error = f"{type(err).__name__}: {err}"
+        finally:
+            for job in batch:
+                job.done.set()
+
+    def score(
+        self, images, prompts: list[str], metadata: list[dict], names: Sequence[str]
+    ) -> tuple[dict[str, list[float]], dict[str, dict[str, list]]]:
+        """Rewards of `(B, C, H, W)` float32 numpy images, in chunks of ``max_batch_size``."""
+        import torch
+
+        x, step = torch.from_numpy(images), self.max_batch_size
+        values: dict[str, list[float]] = {}
+        infos: dict[str, dict[str, list]] = {}
+        for name in names:
+            item, values[name], infos[name] = self.rewards[name], [], {}
+            for i in range(0, x.shape[0], step):
+                rewards, info = item.reward(
+                    x[i : i + step], prompts[i : i + step], metadata[i : i + step]
+                )
+                chunk = (
+                    torch.as_tensor(rewards).detach().to("cpu", torch.float32).reshape(-1).tolist()
+                )
+                if len(chunk) != len(prompts[i : i + step]):
+                    raise ValueError(
+                        f"reward {name!r} returned {len(chunk)} values for "
+                        f"{len(prompts[i : i + step])} images"
+                    )
+                values[name].extend(chunk)
+                _extend_per_image(infos[name], info, len(chunk), first=i == 0)
+        if len(names) == len(self.rewards) > 1:
+            values[WEIGHTED_SUM] = [
+                sum(self.rewards[n].weight * values[n][j] for n in names)
+                for j in range(len(prompts))
+            ]
+        return values, infos
+
+
+def _extend_per_image(merged: dict[str, list], info: Any, size: int, first: bool) -> None:
+    """Append ``info``'s per-image entries (length ``size``) to ``merged``; drop the rest."""
+    for key, value in (info or {}).items() if isinstance(info, Mapping) else ():
+        value = _jsonable(value)
+        if isinstance(value, list) and len(value) == size and (first or key in merged):
+            merged.setdefault(key, []).extend(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and arrays as lists, containers recursively, anything else unknown as text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def parse_score_request(body: bytes, hosted: Sequence[str]) -> _Job:
+    """A `_Job` from a ``/score`` body; `ValueError` naming the field for anything malformed."""
+    from .remote import decode_images
+
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"body is not JSON: {err}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("images"), str):
+        raise ValueError(
+            "body must be a JSON object with 'images' (base64 .npy), 'prompts', 'metadata'"
+        )
+    images = decode_images(request["images"])
+    num = images.shape[0]
+    prompts, metadata = request.get("prompts"), request.get("metadata") or [{} for _ in range(num)]
+    if num == 0:
+        raise ValueError("images: the batch is empty")
+    if (
+        not isinstance(prompts, list)
+        or len(prompts) != num
+        or not all(isinstance(p, str) for p in prompts)
+    ):
+        raise ValueError(f"prompts: expected a list of {num} strings")
+    if (
+        not isinstance(metadata, list)
+        or len(metadata) != num
+        or not all(isinstance(m, dict) for m in metadata)
+    ):
+        raise ValueError(f"metadata: expected a list of {num} objects")
+    names = request.get("rewards") or list(hosted)
+    unknown = [n for n in names if n not in hosted] if isinstance(names, list) else names
+    if unknown:
+        raise ValueError(f"rewards: unknown {unknown}; this server hosts {sorted(hosted)}")
+    return _Job(
+        images=images, prompts=prompts, metadata=metadata, names=tuple(dict.fromkeys(names))
+    )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RewardHTTPServer
+    timeout = 120  # seconds a client may stall while sending; never a thread held forever
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") != "/health":
+            self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
+            return
+        service = self.server.service
+        self._send(
+            200,
+            {
+                "status": "ok",
+                "rewards": list(service.rewards),
+                "weights": {n: r.weight for n, r in service.rewards.items()},
+                "max_batch_size": service.max_batch_size,
+            },
+        )
+
+    def do_POST(self) -> None:
+        try:
+            code, answer = self._score()
+        except Exception as err:  # a bug here must still answer, not drop the connection
+            logger.exception("reward server error")
+            code, answer = 500, {"error": f"{type(err).__name__}: {err}"}
+        self._send(code, answer)
+
+    def _score(self) -> tuple[int, dict[str, Any]]:
+        if self.path.rstrip("/") != "/score":
+            return 404, {"error": f"unknown path {self.path}; use POST /score"}
+        length = int(self.headers.get("Content-Length") or -1)
+        if length < 0:
+            return 411, {"error": "Content-Length required"}
+        if length > self.server.max_body_bytes:
+            return 413, {"error": f"body of {length} bytes exceeds {self.server.max_body_bytes}"}
+        try:
+            job = parse_score_request(self.rfile.read(length), list(self.server.service.rewards))
+        except ValueError as err:
+            return 400, {"error": str(err)}
+        self.server.service.submit(job)
+        if not job.done.wait(self.server.request_timeout_s):
+            return 504, {"error": f"scoring took longer than {self.server.request_timeout_s} s"}
+        if job.error is not None:
+            return 500, {"error": job.error}
+        return 200, job.result
+
+    def _send(self, code: int, answer: dict[str, Any]) -> None:
+        data = json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s " + format, self.address_string(), *args)
+
+
+class RewardHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server holding a `RewardService` (one thread per connection)."""
+
+    daemon_threads = True  # a handler stuck on a slow reward never blocks shutdown
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        service: RewardService,
+        request_timeout_s: float = 600.0,
+        max_body_mb: float = 1024.0,
+    ) -> None:
+        super().__init__(address, _Handler)
+        self.service, self.request_timeout_s = service, request_timeout_s
+        self.max_body_bytes = int(max_body_mb * 2**20)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class RunningRewardServer:
+    """A `RewardHTTPServer` serving on a background thread; ``shutdown()`` stops everything."""
+
+    def __init__(self, httpd: RewardHTTPServer) -> None:
+        self.httpd, self.url = httpd, httpd.url
+        self.thread = threading.Thread(target=httpd.serve_forever, name="reward-http", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.httpd.service.close()
+        self.thread.join(timeout=5.0)
+
+
+def start_reward_server(
+    rewards: Sequence[Any] | Mapping[str, Any],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_batch_size: int = 64,
+    coalesce: bool = True,
+    request_timeout_s: float = 600.0,
+) -> tuple[RunningRewardServer, str]:
+    """Serve ``rewards`` on a background thread; returns the server (``.shutdown()``) and its URL.
+
+    ``rewards``: `WeightedReward` items, or a mapping name -> reward callable (weight 1).
+    ``port=0`` picks a free port.
+    """
+    from .base import WeightedReward
+
+    if isinstance(rewards, Mapping):
+        rewards = [WeightedReward(name, reward) for name, reward in rewards.items()]
+    service = RewardService(list(rewards), max_batch_size=max_batch_size, coalesce=coalesce)
+    httpd = RewardHTTPServer((host, port), service, request_timeout_s=request_timeout_s)
+    server = RunningRewardServer(httpd)
+    return server, server.url
+
+
+def parse_reward_spec(spec: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> (name, weight); NAME is a registry name or ``module.path:factory``."""
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass  # "module:factory" with no weight
+    return spec, 1.0
+
+
+def _reward_kwargs(raw: str | None, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--reward-kwargs``: {name: {kwargs}} or, with one reward, its flat {kwargs}."""
+    if not raw:
+        return {name: {} for name in names}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--reward-kwargs is not JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("--reward-kwargs must be a JSON object")
+    if parsed and set(parsed) <= set(names) and all(isinstance(v, dict) for v in parsed.values()):
+        return {name: dict(parsed.get(name, {})) for name in names}
+    if len(names) == 1:
+        return {names[0]: parsed}
+    raise ValueError(
+        f"--reward-kwargs: with several rewards give {{name: {{kwargs}}}} keyed by {list(names)}"
+    )
+
+
+def build_reward_from_spec(name: str, kwargs: dict[str, Any]) -> Any:
+    """A registry reward, or ``module.path:factory`` imported and called with ``kwargs``."""
+    if ":" not in name:
+        from .base import build_reward
+
+        return build_reward(name, **kwargs)
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"--reward {name}: cannot import {attr!r} from {module_name!r}: {err}"
+        ) from None
+    return factory(**kwargs)
+
+
+def rewards_from_args(args: argparse.Namespace) -> list[Any]:
+    """The `WeightedReward` items the ``serve-reward`` arguments ask for."""
+    from .base import WeightedReward
+
+    specs = [parse_reward_spec(spec) for spec in args.reward]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--reward: a reward is listed twice: {names}")
+    kwargs = _reward_kwargs(args.reward_kwargs, names)
+    if args.device:
+        for item in kwargs.values():
+            item.setdefault("device", args.device)
+    return [
+        WeightedReward(name, build_reward_from_spec(name, kwargs[name]), weight)
+        for name, weight in specs
+    ]
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve-reward", help="host rewards over HTTP for the 'remote' reward"
+    )
+    serve.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME[:WEIGHT]",
+        help="registry name or module.path:factory, optional weight (repeatable)",
+    )
+    serve.add_argument(
+        "--reward-kwargs",
+        default=None,
+        metavar="JSON",
+        help='factory arguments: {"name": {...}}, or {...} with one reward',
+    )
+    serve.add_argument("--device", default=None, help="device passed to every factory (e.g. cuda)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="images per reward call")
+    serve.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=600.0,
+        help="answer 504 when scoring a request takes longer",
+    )
+    serve.add_argument(
+        "--no-coalesce",
+        action="store_true",
+        help="score each request alone instead of batching waiting requests",
+    )
+    serve.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    service = RewardService(
+        rewards_from_args(args), max_batch_size=args.max_batch_size, coalesce=not args.no_coalesce
+    )
+    httpd = RewardHTTPServer(
+        (args.host, args.port), service, request_timeout_s=args.request_timeout_s
+    )
+    print(
+        f"serving rewards {list(service.rewards)} at {httpd.url} (POST /score, GET /health)",
+        flush=True,
+    )
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+        service.close()
+    return 0
