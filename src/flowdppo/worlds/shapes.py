@@ -13,8 +13,8 @@ Captions: ``"a red circle on the left"``, ``"two blue squares at the bottom"``. 
 positions are mutually exclusive: the objects' centroid lies clearly on one side.
 
 Renders are drawn with 4x4 supersampling (anti-aliased edges) on a black background, with
-jitter of size (one object: 6-7.5 px, two: 5-6.5 px), position (about ±0.5 px towards the
-side, ±1 px along it for one object) and colour brightness (0.8-1.0), so a caption is a
+jitter of size (one object: 6-7.5 px, two: 5-6.5 px), position (centre 3.25-4.5 px from the
+middle towards the side, ±1 px along it for one object) and colour brightness (0.8-1.0), so a caption is a
 distribution of images, not one image. Generation is deterministic given a seed.
 
 Split: the eval prompts are the 32 scenes whose (colour, shape) pair is held out
@@ -142,7 +142,8 @@ def layout(scene: Scene, generator: torch.Generator) -> list[tuple[float, float,
     objects = []
     if scene.count == 1:
         size = _uniform(generator, 6.0, 7.5)
-        depth = half / 2 + _uniform(generator, -0.5, 0.5)  # distance of centre from the middle
+        # Distance of the centre from the middle: clearly on its side, >= 0.5 px from the edge.
+        depth = _uniform(generator, 3.25, half - 0.5 - size / 2)
         offsets = [_uniform(generator, -1.0, 1.0)]
         sizes = [size]
     else:
@@ -244,19 +245,72 @@ def shapes_prompts(**kwargs: Any) -> PromptSplits:
     return PromptSplits(items[0], items[1])
 
 
+# --- base model ---------------------------------------------------------------------------
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_base"
+RECIPE_FILE = "recipe.json"
+# The shipped base model's recipe; `scripts/make_shapes_base.py` rebuilds it and records
+# this dict and its hash in `ASSET_DIR / RECIPE_FILE`. Change it only together with the
+# weights (the tests compare the hashes).
+BASE_RECIPE: dict[str, Any] = {
+    "version": 1, "world": "shapes",
+    "model": {"sample_size": 16, "channels": 3, "num_layers": 4, "num_heads": 4, "head_dim": 32,
+              "text_dim": 64, "max_length": 8, "shift": 1.0, "seed": 0},
+    "data": {"num_images": 8192, "seed": 0, "split": "train"},
+    "train": {"num_steps": 600, "batch_size": 64, "lr": 1e-3, "seed": 0, "warmup_steps": 50,
+              "time_sampling": "uniform"},
+    "storage_dtype": "fp16",
+    "num_threads": 1,
+}
+
+
+def vocabulary() -> list[str]:
+    """Every word of the grammar, sorted (the toy model's vocabulary, without ``<pad>``)."""
+    from ..models.toy import tokenize_words
+
+    return sorted({word for scene in all_scenes() for word in tokenize_words(scene.caption)})
+
+
+def build_shapes_base(directory: str | Path, recipe: dict[str, Any] | None = None,
+                      progress: bool = True) -> dict[str, float]:
+    """Pretrain the base model of ``recipe`` (default `BASE_RECIPE`) and save it to ``directory``.
+
+    Deterministic on the CPU for a given torch build: the recipe fixes the seeds and the
+    thread count (float reductions depend on it). The weights are stored in
+    ``recipe["storage_dtype"]`` (fp16 keeps the shipped files under 10 MB).
+
+    Returns:
+        the training statistics of `pretrain_flow_model` (``cpu_s``, ``wall_s``, losses).
+    """
+    from ..models.toy import ToyFlowModel
+    from .pretrain import pretrain_flow_model
+
+    recipe = BASE_RECIPE if recipe is None else recipe
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[recipe["storage_dtype"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe["num_threads"])
+    try:
+        model = ToyFlowModel.create(vocabulary(), **recipe["model"])
+        images, scenes = sample_dataset(**recipe["data"])
+        stats = pretrain_flow_model(model, to_model_space(images), [s.caption for s in scenes],
+                                    progress=progress, **recipe["train"])
+    finally:
+        torch.set_num_threads(threads)
+    model.transformer.to(dtype)
+    model.text_encoder.to(dtype)
+    model.save_pretrained(directory)
+    return stats
 
 
 def ensure_shapes_base() -> str:
-    """Directory of the shipped shapes base model (weights + config).
+    """Directory of the shipped shapes base model (a `ToyFlowModel` directory).
 
-    The weights ship with the package; regenerate them with
-    ``python scripts/make_shapes_base.py`` (see that script for its CPU budget).
+    The weights ship with the package; ``python scripts/make_shapes_base.py`` regenerates
+    them (about 4 CPU-minutes, see that script).
     """
-    missing = [n for n in ("config.json", "model.safetensors") if not (ASSET_DIR / n).is_file()]
+    needed = ("toy_config.json", "text_encoder.safetensors", "transformer/config.json", RECIPE_FILE)
+    missing = [name for name in needed if not (ASSET_DIR / name).is_file()]
     if missing:
         raise ValueError(f"shapes base model incomplete at {ASSET_DIR}: missing {missing}; "
                          "regenerate it with `python scripts/make_shapes_base.py`")
     return str(ASSET_DIR)
-
-
