@@ -25,7 +25,7 @@ def _batch(n=1, dim=5, *, adv=(1.0,), seed=0, dtype=torch.float64, with_ref=Fals
     x0, eps, v_old = (torch.randn(n, dim, **kw) for _ in range(3))
     t = 0.1 + 0.8 * torch.rand(n, **kw)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
-    v = (v_old.clone() if v is None else v).to(dtype).requires_grad_(True)
+    v = (v_old if v is None else v).clone().to(dtype).requires_grad_(True)
     v_ref = v_old + 0.1 * torch.randn(n, dim, **kw) if with_ref else None
     return VelocityBatch(v=v, v_old=v_old.to(dtype), v_target=(eps - x0).to(dtype), x_t=x_t.to(dtype),
                          t=t.to(dtype), advantages=torch.tensor(adv, dtype=dtype),
