@@ -85,6 +85,7 @@ class RemoteReward:
         max_retries (`int`): retries after the first attempt.
         backoff_s (`float`): wait before the first retry; doubles each retry.
         wire_dtype (`str`): ``float16`` (default), ``float32`` (exact) or ``uint8``.
+        use_env_proxy (`bool`): honour ``http_proxy``/``https_proxy`` (default: connect directly).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class RemoteReward:
         max_retries: int = 3,
         backoff_s: float = 1.0,
         wire_dtype: str = "float16",
+        use_env_proxy: bool = False,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote: url={url!r}; expected http://host:port")
@@ -108,6 +110,10 @@ class RemoteReward:
         self.url = url.rstrip("/")
         self.reward_name, self.wire_dtype = reward_name, wire_dtype
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        # Reward servers sit on the local network: cluster-wide http_proxy settings would
+        # send loopback and intranet traffic to the proxy, so they are ignored unless asked for.
+        handlers = [] if use_env_proxy else [urllib.request.ProxyHandler({})]
+        self._opener = urllib.request.build_opener(*handlers)
 
     def __call__(
         self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
@@ -172,7 +178,7 @@ class RemoteReward:
                 headers={"Content-Type": "application/json"},
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read()), attempt + 1
             except urllib.error.HTTPError as err:
                 last_error = f"HTTP {err.code}: {_error_message(err)}"
@@ -214,6 +220,7 @@ def remote(
     max_retries: int = 3,
     backoff_s: float = 1.0,
     wire_dtype: str = "float16",
+    use_env_proxy: bool = False,
     device: str = "cpu",
 ) -> Reward:
     """A reward computed by a ``flowdppo serve-reward`` server (``device`` accepted, unused)."""
@@ -224,4 +231,5 @@ def remote(
         max_retries=max_retries,
         backoff_s=backoff_s,
         wire_dtype=wire_dtype,
+        use_env_proxy=use_env_proxy,
     )

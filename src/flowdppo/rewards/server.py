@@ -307,7 +307,13 @@ class RunningRewardServer:
 
     def __init__(self, httpd: RewardHTTPServer) -> None:
         self.httpd, self.url = httpd, httpd.url
-        self.thread = threading.Thread(target=httpd.serve_forever, name="reward-http", daemon=True)
+        # A short poll interval: shutdown() waits for the serving loop to notice.
+        self.thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="reward-http",
+            daemon=True,
+        )
         self.thread.start()
 
     def shutdown(self) -> None:
