@@ -1,0 +1,101 @@
+"""bench/throughput.py: the CPU tiny mode runs and its report is complete and self-consistent.
+
+Nothing here is timed: the checks are the report's fields, signs and arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # One thread: the CPU is shared, and two contending threads make the tiny model crawl.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    # A shorter recipe than the default (K=4, R=2, U=2, S=2) keeps the run to a few seconds.
+    argv = ["--model", "tiny", "--device", "cpu", "--repeats", "1", "--threads", "1",
+            "--num-steps", "4", "--replays", "2", "--trained-steps", "2", "--checkpointing",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_floor_is_the_hand_sum(bench):
+    # Issue 6: eager 10*9.5 + 3*9.5 + 6*25.8 = 278.3; compiled 10*5.3 + 3*5.3 + 6*14.4 = 155.3.
+    recipe = bench.Recipe()
+    assert bench.floor_ms(9.5, 25.8, recipe) == pytest.approx(10 * 9.5 + 3 * 9.5 + 6 * 25.8)
+    assert bench.floor_ms(9.5, 25.8, recipe) == pytest.approx(278.3)
+    assert bench.floor_ms(5.3, 14.4, recipe) == pytest.approx(155.3)
+    other = bench.Recipe(num_steps=4, num_replays=0, num_updates=3, trained_steps=2)
+    assert bench.floor_ms(1.5, 2.0, other) == pytest.approx(4 * 1.5 + 3 * 2 * 2.0)
+
+
+def test_report_fields_positive_and_consistent(report):
+    assert report["model"] == "tiny" and report["device"] == "cpu"
+    assert report["latent_shape"] == [4, 8, 8]  # 64 px / VAE factor 8, 4 channels
+    assert report["num_params"] > 0
+    r = report["recipe"]
+    flops = report["flops_per_sample"]
+    # A backward pass adds work on top of its forward.
+    assert 0 < flops["forward"] < flops["update"]
+    assert [(row["mode"], row["checkpointing"]) for row in report["rows"]] == [
+        ("eager", False), ("eager", True)]
+    for row in report["rows"]:
+        for key in ("forward_ms", "rollout_ms", "update_ms", "iteration_ms", "floor_ms",
+                    "tflops_forward", "tflops_update", "tflops_iteration", "first_call_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert all(row[f"peak_gib_{k}"] is None for k in ("forward", "update", "iteration"))
+        forwards = r["num_steps"] + r["num_replays"]
+        updates = r["num_updates"] * r["trained_steps"]
+        hand = forwards * row["forward_ms"] + updates * row["update_ms"]
+        assert row["floor_ms"] == pytest.approx(hand, rel=1e-12)
+        assert row["ratio_to_floor"] == pytest.approx(row["iteration_ms"] / hand, rel=1e-12)
+        # The issue's eager primitives (9.5, 25.8 ms/sample) through this run's recipe.
+        issue = forwards * 9.5 + updates * 25.8
+        assert row["issue_floor_ms"] == pytest.approx(issue)
+        assert row["ratio_to_issue_floor"] == pytest.approx(row["iteration_ms"] / issue)
+        work = forwards * flops["forward"] + updates * flops["update"]
+        assert row["tflops_iteration"] == pytest.approx(work / row["iteration_ms"] * 1e-9)
+
+
+def test_update_replays_the_rollout_exactly(bench):
+    """The timed update is a genuine first update: the replayed mean is the rollout's (r = 1)."""
+    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--batch", "2"])
+    stages, _, _ = bench.build(args)
+    batch = stages._batch(stages.stored, stages._entries(1))
+    torch.testing.assert_close(batch.mean, batch.mean_old, rtol=0, atol=0)
+    assert batch.mean.requires_grad
+
+
+@pytest.mark.parametrize("argv, word", [(["--resolution", "60"], "--resolution"),
+                                        (["--trained-steps", "6"], "--trained-steps")])
+def test_bad_arguments_exit_with_a_message(bench, capsys, argv, word):
+    assert bench.main(["--model", "tiny", "--device", "cpu", *argv]) == 2
+    assert word in capsys.readouterr().err
