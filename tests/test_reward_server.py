@@ -16,13 +16,8 @@ import torch
 from flowdppo.cli import build_parser
 from flowdppo.rewards import WeightedReward, build_reward
 from flowdppo.rewards.remote import encode_images
-from flowdppo.rewards.server import (
-    RewardService,
-    _Job,
-    parse_reward_spec,
-    rewards_from_args,
-    start_reward_server,
-)
+from flowdppo.rewards.server import parse_reward_spec, rewards_from_args, start_reward_server
+from flowdppo.rewards.service import RewardService, ScoreJob
 
 
 class MeanReward:
@@ -98,6 +93,9 @@ def test_remote_values_equal_the_in_process_rewards():
         weighted = [0.5 * j + 2.0 * m for j, m in
                     zip(answer["rewards"]["jpeg"], answer["rewards"]["mean"])]
         assert answer["rewards"]["weighted_sum"] == pytest.approx(weighted)
+        remote = build_reward("remote", url=url, reward_name="weighted_sum")
+        summed, _ = remote(images, prompts, [])
+        assert summed.tolist() == pytest.approx(weighted)
         health = build_reward("remote", url=url).health()
         assert health["rewards"] == ["jpeg", "mean"] and health["max_batch_size"] == 2
         with pytest.raises(ValueError, match="set reward_name"):
@@ -213,9 +211,9 @@ def test_waiting_requests_are_coalesced_and_split_back():
         assert job.result["rewards"]["mean"] == pytest.approx(expected.tolist())
 
 
-def _job(n: int, seed: int, size: int = 4) -> _Job:
+def _job(n: int, seed: int, size: int = 4) -> ScoreJob:
     images = _images(n, size=size, seed=seed).numpy()
-    return _Job(images=images, prompts=[f"p{seed}{i}" * (i + 1) for i in range(n)],
+    return ScoreJob(images=images, prompts=[f"p{seed}{i}" * (i + 1) for i in range(n)],
                 metadata=[{}] * n, names=("mean",))
 
 

@@ -129,7 +129,7 @@ class RemoteReward:
         if self.reward_name is not None:
             body["rewards"] = [self.reward_name]
         start = time.perf_counter()
-        answer, attempts = self._post("/score", json.dumps(body).encode())
+        answer, attempts = self._post("/score", json.dumps(body, default=_json_default).encode())
         name, values = self._select(answer)
         if len(values) != images.shape[0]:
             raise RuntimeError(
@@ -198,6 +198,11 @@ class RemoteReward:
             f"remote reward {url} failed after {self.max_retries + 1} attempts; "
             f"last error: {last_error}"
         )
+
+
+def _json_default(value: Any) -> Any:
+    """Metadata values JSON cannot encode: tensors and arrays as lists, others as text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:
