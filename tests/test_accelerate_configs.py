@@ -1,0 +1,119 @@
+"""The shipped accelerate configs load with accelerate's own classes and launch the intended setup.
+
+Each YAML goes through the path ``accelerate launch --config_file`` takes: accelerate's
+``ClusterConfig`` (rejects unknown top-level keys), the launcher's argument validation,
+and the environment it hands the training processes. For FSDP the plugin is then built
+from that environment and its auto-wrap policy applied to tiny diffusers transformers.
+No process group is started (that needs GPUs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs_accelerate"
+EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp_flux": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+BLOCKS = {"fsdp": ["JointTransformerBlock"],
+          "fsdp_flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]}
+
+
+def launch_env(name: str) -> tuple[object, dict[str, str]]:
+    """What ``accelerate launch --config_file <name>.yaml -m flowdppo.cli train`` would export."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    argv = ["--config_file", str(CONFIG_DIR / f"{name}.yaml"), "-m", "flowdppo.cli", "train"]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    if args.use_deepspeed:
+        # Set by accelerate's deepspeed launcher before it builds the environment.
+        args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_every_shipped_file_is_checked():
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_cluster_config_loads(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import ComputeEnvironment, DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(CONFIG_DIR / f"{name}.yaml"))
+    assert config.compute_environment == ComputeEnvironment.LOCAL_MACHINE
+    assert config.distributed_type == DistributedType[EXPECTED[name]]
+    assert config.mixed_precision == "bf16"
+    assert config.num_processes >= 2 and config.num_machines == 1
+    assert bool(config.fsdp_config) == name.startswith("fsdp")
+    assert bool(config.deepspeed_config) == name.startswith("deepspeed")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_nested_keys_are_launcher_options(name):
+    """accelerate copies fsdp_config / deepspeed_config keys onto launch options of that name;
+    a misspelt key would be silently ignored, so each must be a real option."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {s for a in launch_command_parser()._actions for s in a.option_strings}
+    config = ClusterConfig.from_yaml_file(str(CONFIG_DIR / f"{name}.yaml"))
+    for key in {**config.fsdp_config, **config.deepspeed_config}:
+        assert f"--{key}" in options, f"{name}.yaml: {key} is not an accelerate launch option"
+
+
+def test_ddp_launch_environment():
+    args, env = launch_env("ddp")
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_deepspeed_launch_environment():
+    args, env = launch_env("deepspeed_zero2")
+    assert args.use_deepspeed
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    assert env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "1"
+
+
+def _tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+        dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4))
+
+
+@pytest.mark.parametrize("name, right, wrong", [("fsdp", _tiny_sd3, _tiny_flux),
+                                                ("fsdp_flux", _tiny_flux, _tiny_sd3)])
+def test_fsdp_plugin_wraps_the_family_blocks(monkeypatch, name, right, wrong):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args, env = launch_env(name)
+    assert args.use_fsdp
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 1 and plugin.use_orig_params  # LoRA: frozen + trainable mixed
+    assert plugin.transformer_cls_names_to_wrap == BLOCKS[name]
+    model = right()
+    # The listed blocks are the ones diffusers itself declares unsplittable.
+    assert sorted(model._no_split_modules) == sorted(BLOCKS[name])
+    plugin.set_auto_wrap_policy(model)
+    wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert sorted(cls.__name__ for cls in wrapped) == sorted(BLOCKS[name])
+    with pytest.raises(ValueError, match="Could not find the transformer layer class"):
+        FullyShardedDataParallelPlugin().set_auto_wrap_policy(wrong())
