@@ -68,3 +68,9 @@ def test_ocr_end_to_end_on_rendered_text():
     assert info["text"] == ["FLOW DPPO", "FLOW DPP", ""] and info["target"] == ["flow dppo"] * 3
     assert rewards.tolist() == pytest.approx([1.0, 1 - 1 / 8, 0.0])  # one deletion in 8 letters
     assert seconds < 30  # about 0.6 s per text image on one free core
+
+
+def test_missing_engine_names_the_pip_line(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"pip install 'flowdppo\[ocr\]'"):
+        build_reward("ocr")
