@@ -117,3 +117,19 @@ def test_from_pipeline_uses_given_components():
     model = SD3Model.from_pipeline(pipe, resolution=128)
     assert model.transformer is pipe.transformer and model.latent_shape == (16, 16, 16)
     assert not any(p.requires_grad for p in pipe.text_encoder_3.parameters())
+
+
+def test_hub_id_loads_offline_from_the_cache(tmp_path, monkeypatch):
+    """A hub id resolves from a (fake) Hugging Face cache, with no network: HF_HUB_OFFLINE is
+    set and downloads are off; text encoders may live on another device."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--flowdppo-test--tiny-sd3"
+    tiny_pipe(FAMILY).save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    model = SD3Model("flowdppo-test/tiny-sd3", cache_dir=str(tmp_path), dtype="fp32",
+                     resolution=RES, max_sequence_length=SEQ, text_encoder_device="cpu")
+    assert model.latent_shape == (16, RES // 8, RES // 8)
+    reference = adapter(SD3Model, FAMILY)
+    torch.testing.assert_close(model.encode_prompts(["a cat"]).tensors["prompt_embeds"],
+                               reference.encode_prompts(["a cat"]).tensors["prompt_embeds"])

@@ -50,7 +50,8 @@ def _download_hint(repo_id: str) -> str:
 
 
 def load_pipeline(pipeline_cls: type, pretrained: str, *, dtype: torch.dtype,
-                  vae_dtype: torch.dtype, allow_download: bool = False) -> Any:
+                  vae_dtype: torch.dtype, allow_download: bool = False,
+                  cache_dir: str | None = None) -> Any:
     """``pipeline_cls.from_pretrained`` from a local directory or the local Hugging Face cache.
 
     Nothing is downloaded unless ``allow_download`` is set and ``HF_HUB_OFFLINE`` is not;
@@ -69,12 +70,13 @@ def load_pipeline(pipeline_cls: type, pretrained: str, *, dtype: torch.dtype,
     if local_only:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(pretrained, "model_index.json")
+        cached = try_to_load_from_cache(pretrained, "model_index.json", cache_dir=cache_dir)
         if not isinstance(cached, str):
             why = "HF_HUB_OFFLINE is set" if offline else "allow_download=False"
             raise FileNotFoundError(f"pretrained={pretrained!r} is not in the local Hugging Face "
                                     f"cache and {why}; {_download_hint(pretrained)}")
-    return pipeline_cls.from_pretrained(pretrained, torch_dtype=dtypes, local_files_only=local_only)
+    return pipeline_cls.from_pretrained(pretrained, torch_dtype=dtypes, cache_dir=cache_dir,
+                                        local_files_only=local_only)
 
 
 class PromptCache:
@@ -198,6 +200,9 @@ class DiffusersFlowModel(FlowModel):
         seed (`int`, defaults to 0): weights of ``"tiny-random"``.
         allow_download (`bool`, defaults to False): let ``from_pretrained`` download a hub id
             missing from the cache (never when ``HF_HUB_OFFLINE=1``).
+        cache_dir (`str`, *optional*): Hugging Face cache to look in (default: the HF one).
+        text_encoder_device (`str`, *optional*): put the text encoders elsewhere (e.g. "cpu"
+            to save accelerator memory; prompts are encoded once and cached).
         prompt_cache_size (`int`, defaults to 256): prompts whose encodings are kept.
         **options: family-specific arguments (see the subclass).
     """
@@ -209,8 +214,9 @@ class DiffusersFlowModel(FlowModel):
     def __init__(self, pretrained: str = TINY, *, dtype: str | torch.dtype = "bf16",
                  vae_dtype: str | torch.dtype = "fp32", resolution: int | None = None,
                  max_sequence_length: int | None = None, device: str | torch.device = "cpu",
-                 seed: int = 0, allow_download: bool = False, prompt_cache_size: int = 256,
-                 **options: Any) -> None:
+                 seed: int = 0, allow_download: bool = False, cache_dir: str | None = None,
+                 text_encoder_device: str | torch.device | None = None,
+                 prompt_cache_size: int = 256, **options: Any) -> None:
         weights, vae_weights = parse_dtype(dtype), parse_dtype(vae_dtype, "vae_dtype")
         if pretrained == TINY:
             from .tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_RESOLUTION, build_tiny_pipeline
@@ -221,8 +227,13 @@ class DiffusersFlowModel(FlowModel):
             max_sequence_length = max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
         else:
             pipe = load_pipeline(self.pipeline_class(), pretrained, dtype=weights,
-                                 vae_dtype=vae_weights, allow_download=allow_download)
+                                 vae_dtype=vae_weights, allow_download=allow_download,
+                                 cache_dir=cache_dir)
         pipe.to(device)
+        for name, component in pipe.components.items():
+            if (text_encoder_device is not None and name.startswith("text_encoder")
+                    and component is not None):
+                component.to(text_encoder_device)
         pipe.set_progress_bar_config(disable=True)
         self._setup(pipe, resolution or 512, max_sequence_length, prompt_cache_size, options)
 
@@ -250,9 +261,12 @@ class DiffusersFlowModel(FlowModel):
         self.transformer = pipe.transformer
         # Recorded now: the trainer may wrap the transformer (DDP, compile) later.
         self._weight_dtype = pipe.transformer.dtype
+        self._text_device = pipe.transformer.device
         for name, component in pipe.components.items():
             if name != "transformer" and isinstance(component, nn.Module):
                 component.requires_grad_(False).eval()  # frozen, never in the graph
+            if name.startswith("text_encoder") and isinstance(component, nn.Module):
+                self._text_device = next(component.parameters()).device
         self.resolution = int(resolution)
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
         self._cache = PromptCache(prompt_cache_size)

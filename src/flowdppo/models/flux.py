@@ -69,7 +69,7 @@ class FluxModel(DiffusersFlowModel):
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device,
+            prompt=prompts, prompt_2=None, device=self._text_device,
             max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

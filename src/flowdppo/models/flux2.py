@@ -74,7 +74,7 @@ class Flux2Model(DiffusersFlowModel):
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length,
+            prompt=prompts, device=self._text_device, max_sequence_length=self.max_sequence_length,
             text_encoder_out_layers=self.text_encoder_out_layers,
         )
         return {"prompt_embeds": embeds}

@@ -57,7 +57,7 @@ class SD3Model(DiffusersFlowModel):
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self._text_device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
