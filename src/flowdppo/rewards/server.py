@@ -43,21 +43,11 @@ def parse_score_request(body: bytes, hosted: Sequence[str]) -> ScoreJob:
         )
     images = decode_images(request["images"])
     num = images.shape[0]
-    prompts, metadata = request.get("prompts"), request.get("metadata") or [{} for _ in range(num)]
     if num == 0:
         raise ValueError("images: the batch is empty")
-    if (
-        not isinstance(prompts, list)
-        or len(prompts) != num
-        or not all(isinstance(p, str) for p in prompts)
-    ):
-        raise ValueError(f"prompts: expected a list of {num} strings")
-    if (
-        not isinstance(metadata, list)
-        or len(metadata) != num
-        or not all(isinstance(m, dict) for m in metadata)
-    ):
-        raise ValueError(f"metadata: expected a list of {num} objects")
+    prompts = _list_of(request.get("prompts"), str, num, field="prompts")
+    metadata = request.get("metadata") or [{} for _ in range(num)]
+    metadata = _list_of(metadata, dict, num, field="metadata")
     names = request.get("rewards") or list(hosted)
     if isinstance(names, list) and WEIGHTED_SUM in names:
         names = list(hosted)  # the weighted sum needs every hosted reward
@@ -67,6 +57,18 @@ def parse_score_request(body: bytes, hosted: Sequence[str]) -> ScoreJob:
     return ScoreJob(
         images=images, prompts=prompts, metadata=metadata, names=tuple(dict.fromkeys(names))
     )
+
+
+def _list_of(value: Any, kind: type, num: int, *, field: str) -> list:
+    """``value`` if a list of ``num`` items of ``kind``, else a `ValueError` naming ``field``."""
+    if (
+        not isinstance(value, list)
+        or len(value) != num
+        or not all(isinstance(v, kind) for v in value)
+    ):
+        noun = "strings" if kind is str else "objects"
+        raise ValueError(f"{field}: expected a list of {num} {noun}")
+    return value
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -99,9 +101,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _score(self) -> tuple[int, dict[str, Any]]:
         if self.path.rstrip("/") != "/score":
             return 404, {"error": f"unknown path {self.path}; use POST /score"}
-        length = int(self.headers.get("Content-Length") or -1)
-        if length < 0:
-            return 411, {"error": "Content-Length required"}
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return 411, {"error": "a numeric Content-Length header is required"}
         if length > self.server.max_body_bytes:
             return 413, {"error": f"body of {length} bytes exceeds {self.server.max_body_bytes}"}
         try:
@@ -117,11 +120,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, answer: dict[str, Any]) -> None:
         data = json.dumps(answer).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+            logger.info("client %s left before its %d answer", self.address_string(), code)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
