@@ -147,6 +147,8 @@ class RewardService:
                     )
                 values[name].extend(chunk)
                 _extend_per_image(infos[name], info, len(chunk), first=i == 0)
+            # Only entries per-image in every chunk can be split back per request.
+            infos[name] = {k: v for k, v in infos[name].items() if len(v) == len(prompts)}
         if len(names) == len(self.rewards) > 1:
             values[WEIGHTED_SUM] = [
                 sum(self.rewards[n].weight * values[n][j] for n in names)
