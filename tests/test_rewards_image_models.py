@@ -114,7 +114,7 @@ def test_prompt_matters(clip_dir):
 
 
 def test_torch_preprocessing_matches_clip_image_processor(clip_dir):
-    """Resize + crop geometry on a smooth non-square image vs transformers' processor (uint8/PIL)."""
+    """Resize + crop geometry on a smooth non-square image vs transformers' (PIL) processor."""
     height, width = 60, 81  # resized to 32 x 43: odd crop margin, tests the (W - w) // 2 offset
     yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
     image = np.stack([xx, yy, 0.5 + 0.4 * np.sin(6 * xx + 3 * yy)], -1)
@@ -129,7 +129,8 @@ def test_torch_preprocessing_matches_clip_image_processor(clip_dir):
 
 def test_aesthetic_equals_direct_mlp(clip_dir, reference, tmp_path):
     torch.manual_seed(3)
-    state = {k: torch.randn_like(v) * 0.3 for k, v in AestheticMLP(embed_dim=16).state_dict().items()}
+    shapes = AestheticMLP(embed_dim=16).state_dict()
+    state = {k: torch.randn_like(v) * 0.3 for k, v in shapes.items()}
     torch.save(state, tmp_path / "mlp.pth")
     images = _images(4, seed=4)
     rewards, _ = build_reward("aesthetic", weights=str(tmp_path / "mlp.pth"),
@@ -227,5 +228,6 @@ def test_hpsv2_glue_with_a_fake_open_clip(tmp_path, monkeypatch):
     pixels = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         image_embeds = nn.functional.normalize(source.encode_image(pixels), dim=-1)
-        text_embeds = nn.functional.normalize(source.encode_text(get_tokenizer("")(prompts)), dim=-1)
+        tokens = get_tokenizer("")(prompts)
+        text_embeds = nn.functional.normalize(source.encode_text(tokens), dim=-1)
     torch.testing.assert_close(rewards, (image_embeds * text_embeds).sum(-1))
