@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,8 @@ from torch import Tensor
 
 from .base import Reward, RewardOutput, register_reward
 from .preprocess import check_batch
+
+logger = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("float16", "float32", "uint8")
 
@@ -194,6 +197,13 @@ class RemoteReward:
                 json.JSONDecodeError,
             ) as err:
                 last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            logger.warning(
+                "remote reward %s: attempt %d of %d failed: %s",
+                url,
+                attempt + 1,
+                self.max_retries + 1,
+                last_error,
+            )
         raise RuntimeError(
             f"remote reward {url} failed after {self.max_retries + 1} attempts; "
             f"last error: {last_error}"
