@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from .rollout import NoiseSource, Rollout, choose_window, sample_rollout
 from .update import accumulate_gradients, entries_for, forward_batch, likelihood_batch
 
 logger = logging.getLogger(__name__)
+# Tests set this to simulate a kill (exit 137, no cleanup) after that iteration.
+_EXIT_AFTER_ITERATION = int(os.environ.get("FLOWDPPO_TEST_EXIT_AFTER_ITERATION", "0"))
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,8 @@ class Trainer:
                 self.run_eval(step)
             if last or step % cfg.checkpoint.every == 0:
                 self.save(step)
+            if step == _EXIT_AFTER_ITERATION:
+                os._exit(137)  # test hook: a hard kill between checkpoints, no cleanup
             if progress is not None:
                 progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
                                      kl=f"{row.get('kl_old_new_mean', 0.0):.1e}")
