@@ -60,7 +60,12 @@ def test_every_method_recipe_trains_two_iterations(recipe, tiny_base, tmp_path):
     trainer = Trainer(resolve(cfg), out)
     before = {n: p.detach().clone() for n, p in trainer.params.items()}
     trainer.run()
-    unchanged = [n for n, p in trainer.params.items() if torch.equal(before[n], p.detach())]
+    # The last SD3 block discards its text stream, so its text-query projection gets no
+    # gradient by construction; every other LoRA weight must have moved.
+    last = len(trainer.model.transformer.transformer_blocks) - 1
+    dead = f"transformer_blocks.{last}.attn.add_q_proj."
+    unchanged = [n for n, p in trainer.params.items()
+                 if torch.equal(before[n], p.detach()) and not n.startswith(dead)]
     assert not unchanged, f"{recipe}: parameters did not change: {unchanged[:3]}"
     rows = read_rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
