@@ -116,3 +116,9 @@ def test_combine_metrics_weights_means_and_keeps_extremes():
              (3, {"a": torch.tensor(3.0), "r_min": torch.tensor(0.7), "r_max": torch.tensor(1.0)})]
     out = combine_metrics(parts)
     assert float(out["a"]) == 2.5 and float(out["r_min"]) == 0.5 and float(out["r_max"]) == 2.0
+
+
+def test_combine_metrics_skips_undefined_values():
+    parts = [(1, {"corr": torch.tensor(float("nan"))}), (3, {"corr": torch.tensor(0.5)})]
+    assert float(combine_metrics(parts)["corr"]) == 0.5
+    assert torch.isnan(combine_metrics(parts[:1])["corr"])

@@ -184,7 +184,7 @@ class Trainer:
             self.old_policy.update_ema(cfg.train.old_policy_ema)
         if self.ema is not None:
             self.ema.update_ema(cfg.train.ema_decay)
-        return {k: float(torch.stack([m[k] for m in metrics_all]).float().mean())
+        return {k: float(torch.stack([m[k] for m in metrics_all]).float().nanmean())
                 for k in metrics_all[0]}
 
     def _diagnose(self, batch) -> dict[str, Tensor]:

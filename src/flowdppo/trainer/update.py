@@ -47,7 +47,8 @@ def entries_for(samples: Tensor, num_steps: int) -> Entries:
 
 
 def combine_metrics(parts: list[tuple[int, dict[str, Tensor]]]) -> dict[str, Tensor]:
-    """Weighted mean of micro-batch metrics; ``*_min``/``*_max`` combine as min/max."""
+    """Weighted mean of micro-batch metrics (NaN entries skipped; all NaN gives NaN);
+    ``*_min``/``*_max`` combine as min/max."""
     total = sum(n for n, _ in parts)
     out: dict[str, Tensor] = {}
     for key in parts[0][1]:
@@ -56,9 +57,10 @@ def combine_metrics(parts: list[tuple[int, dict[str, Tensor]]]) -> dict[str, Ten
             out[key] = values.min()
         elif key.endswith("_max"):
             out[key] = values.max()
-        else:
+        else:  # NaN (e.g. a correlation over entries that have not moved) counts as missing
             weights = torch.tensor([n / total for n, _ in parts], device=values.device)
-            out[key] = (values * weights).sum()
+            weights = weights * torch.isfinite(values)
+            out[key] = (torch.nan_to_num(values) * weights).sum() / weights.sum()
     return out
 
 
