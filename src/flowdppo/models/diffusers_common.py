@@ -194,7 +194,7 @@ class DiffusersFlowModel(FlowModel):
         dtype (`str`, defaults to ``"bf16"``): transformer and text-encoder weights.
         vae_dtype (`str`, defaults to ``"fp32"``): VAE weights (decode runs in this dtype).
         resolution (`int`, *optional*): image side in pixels; 512 (64 for tiny-random).
-        max_sequence_length (`int`, *optional*): text tokens; the pipeline's default (16 for
+        max_sequence_length (`int`, *optional*): text tokens; the pipeline's default (32 for
             tiny-random).
         device (`str`, defaults to ``"cpu"``): where every component lives.
         seed (`int`, defaults to 0): weights of ``"tiny-random"``.
@@ -221,8 +221,11 @@ class DiffusersFlowModel(FlowModel):
         if pretrained == TINY:
             from .tiny import TINY_MAX_SEQUENCE_LENGTH, TINY_RESOLUTION, build_tiny_pipeline
 
-            pipe = build_tiny_pipeline(self.family, seed).to(dtype=weights)
-            pipe.vae.to(dtype=vae_weights)
+            pipe = build_tiny_pipeline(self.family, seed)  # float32
+            for name, component in pipe.components.items():
+                wanted = vae_weights if name == "vae" else weights
+                if isinstance(component, nn.Module) and wanted != torch.float32:
+                    component.to(dtype=wanted)
             resolution = resolution or TINY_RESOLUTION
             max_sequence_length = max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
         else:

@@ -98,8 +98,9 @@ class Flux2Model(DiffusersFlowModel):
                 timestep=flux_timestep(t, x.dtype),
                 guidance=None,
                 encoder_hidden_states=embeds,
-                txt_ids=Pipe._prepare_text_ids(embeds).to(x.device),  # (B, L, 4)
-                img_ids=Pipe._prepare_latent_ids(x).to(x.device),  # (B, HW, 4)
+                # Ids are equal across the batch and the transformer reads row 0 only.
+                txt_ids=Pipe._prepare_text_ids(embeds[:1]).to(x.device),  # (1, L, 4)
+                img_ids=Pipe._prepare_latent_ids(x[:1]).to(x.device),  # (1, HW, 4)
                 return_dict=False,
             )[0]
             # Row-major ids: unpacking is the inverse reshape of _pack_latents.
