@@ -124,7 +124,11 @@ def _check_model(cfg: RunConfig) -> None:
     _check(cfg.model.name in MODELS,
            f"`model.name`={cfg.model.name!r}: unknown model; expected one of {sorted(MODELS)}")
     pretrained = cfg.model.pretrained
-    looks_local = pretrained.startswith((".", "/", "~")) or Path(pretrained).suffix != ""
+    # A hub id is "owner/name" and may hold dots ("stable-diffusion-3.5-medium"): only an
+    # anchored path, a deeper one, or an owner-less name with a suffix is surely local.
+    slashes = pretrained.count("/")
+    looks_local = (pretrained.startswith((".", "/", "~")) or slashes > 1
+                   or (slashes == 0 and Path(pretrained).suffix != ""))
     if looks_local:
         _check(Path(pretrained).expanduser().exists(),
                f"`model.pretrained`={pretrained!r}: no such directory; give a local path, a hub id "
