@@ -148,3 +148,87 @@ def test_cli_trains_the_sd3_recipe(tmp_path, monkeypatch):
     saved = load_config(str(out / "config.yaml"))
     assert saved.model.name == "sd3" and saved.model.pretrained == "tiny-random"
     assert list((out / "checkpoints").glob("step_*/lora/pytorch_lora_weights.safetensors"))
+
+
+PAPER_RECIPES = ["sd35_dppo", "sd35_dppo_cps", "sd35_grpo", "sd35_cps", "sd35_guard", "sd35_nft",
+                 "flux2_dppo", "flux1_dppo"]
+# App. F.2 (SPEC.md §5), written out here independently of the YAML files:
+# name -> (model, hub id, LoRA r, alpha, steps, algorithm, sampler, threshold or clip range).
+APP_F2 = {
+    "sd35_dppo": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "dppo",
+                  "flow_sde", 1e-7),
+    "sd35_dppo_cps": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "dppo",
+                      "cps", 1e-6),
+    "sd35_grpo": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "grpo",
+                  "flow_sde", 1e-4),
+    "sd35_cps": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "cps", "cps", 1e-4),
+    "sd35_guard": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "guard",
+                   "flow_sde", 4e-6),
+    "sd35_nft": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 32, 64, 10, "nft", "ode", None),
+    "flux2_dppo": ("flux2", "black-forest-labs/FLUX.2-klein-base-9B", 64, 128, 14, "dppo",
+                   "flow_sde", 1e-7),
+    "flux1_dppo": ("flux", "black-forest-labs/FLUX.1-dev", 64, 128, 10, "dppo", "flow_sde", 1e-7),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_carry_the_app_f2_settings(name):
+    # Dotted hub ids ("stable-diffusion-3.5-medium") are hub ids, not missing local paths.
+    run = resolve(load_config(str(RECIPES / f"{name}.yaml")))
+    cfg = run.config
+    model, hub_id, rank, alpha, steps, algorithm, sampler, trust = APP_F2[name]
+    assert (cfg.model.name, cfg.model.pretrained) == (model, hub_id)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr) == (rank, alpha, 3e-4)
+    assert cfg.model.kwargs["resolution"] == 512 and cfg.sampling.num_steps == steps
+    assert (cfg.model.dtype, cfg.mixed_precision) == ("bf16", "bf16")
+    assert (cfg.sampling.group_size, cfg.sampling.num_groups) == (16, 64)
+    assert run.samples_per_iteration == 1024
+    # 3 trained steps drawn from the first half of the schedule.
+    assert (run.trained_steps, run.window_first, run.window_stop) == (3, 0, steps // 2)
+    assert cfg.sampling.noise_level == 0.8 and cfg.sampling.eta == 0.8
+    assert (run.algorithm.name, run.dynamics) == (algorithm, sampler)
+    if algorithm == "dppo":
+        assert run.hparams.threshold == trust and run.hparams.reduce == "mean"
+    elif trust is not None:
+        assert run.hparams.clip_range == trust and run.hparams.reduce == "mean"
+    assert [item.name for item in cfg.rewards.items] == ["pickscore"]
+    assert cfg.prompts.source == "files"
+    for path in (cfg.prompts.train_file, cfg.prompts.eval_file):
+        assert (REPO / path).is_file(), path
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator: a bf16 run
+    after an fp32 one in the same process needs it reset (a real run is one process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipe_runs_with_a_tiny_model(name, tmp_path, fresh_accelerate_state):
+    """Each paper recipe as written (bf16 weights and autocast, its method, sampler, CFG or
+    guidance embedding, gradient checkpointing), with only the weights, the reward, the image
+    size and the batch shrunk: one iteration on the CPU."""
+    from flowdppo.trainer.loop import Trainer
+
+    shrink = [*overrides(), "model.pretrained=tiny-random",
+              "model.kwargs={resolution: 64, max_sequence_length: 32}", "sampling.num_steps=6",
+              "sampling.group_size=2", "sampling.num_groups=2", "sampling.sample_batch_size=4",
+              "sampling.eval_num_steps=2", "rewards.items=[{name: jpeg_compressibility}]",
+              "eval.monitors=[{name: diversity}]", "eval.max_prompts=1",
+              "eval.samples_per_prompt=2", "train.num_iterations=1",
+              "logging.progress_bar=false", "logging.tensorboard=false"]
+    cfg = load_config(str(RECIPES / f"{name}.yaml"), shrink)
+    trainer = Trainer(resolve(cfg), tmp_path / name)
+    assert trainer.model.dtype == torch.bfloat16
+    trainer.run()
+    (row,) = read_rows(tmp_path / name / "metrics.jsonl")
+    assert_finite_numbers(row, "metrics.jsonl")
+    assert row["grad_norm"] > 0
+    (evaluation,) = read_rows(tmp_path / name / "eval.jsonl")
+    assert_finite_numbers(evaluation, "eval.jsonl")
+    assert "diversity" in evaluation
