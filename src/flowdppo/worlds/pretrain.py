@@ -79,6 +79,7 @@ def pretrain_flow_model(
     warmup_steps: int = 50,
     weight_decay: float = 0.0,
     time_sampling: str = "uniform",
+    num_threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Train ``model`` (in place) with the rectified-flow loss.
@@ -91,17 +92,35 @@ def pretrain_flow_model(
         lr (`float`): peak AdamW learning rate (warmup then cosine to 10%).
         seed (`int`): seeds batches, times and noise; same seed, same weights (CPU).
         time_sampling (`str`): ``"uniform"`` or ``"logit_normal"``.
+        num_threads (`int`, optional): torch intra-op threads while training (restored after).
+            A tiny model gains little from threads, and on a busy CPU spinning threads can make
+            it 10x slower: 1 is the safe choice there. None keeps torch's setting.
         progress (`bool`): show a tqdm bar.
 
     Returns:
         ``{"loss_first", "loss_last", "wall_s", "cpu_s", "num_steps", "num_params"}``;
         losses are means over the first and last 10% of steps.
     """
-    from tqdm.auto import tqdm
-
     _check_data(images, prompts, model)
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"num_steps={num_steps}, batch_size={batch_size}: both must be >= 1")
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling={time_sampling!r}: expected one of {TIME_SAMPLINGS}")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads or old_threads)
+    try:
+        return _train(model, images, prompts, num_steps=num_steps, batch_size=batch_size, lr=lr,
+                      seed=seed, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                      time_sampling=time_sampling, progress=progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(model: ToyFlowModel, images: Tensor, prompts: Sequence[str], *, num_steps: int,
+           batch_size: int, lr: float, seed: int, warmup_steps: int, weight_decay: float,
+           time_sampling: str, progress: bool) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
     device = model.device
     images = images.float()
     ids_all = model.tokenize(list(prompts))  # tokenised once: also validates every prompt
