@@ -9,6 +9,7 @@ is frozen again afterwards. Deterministic on the CPU given ``seed``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def flow_matching_loss(model: ToyFlowModel, x0: Tensor, ids: Tensor, t: Tensor,
     cond = Conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
     v = model.predict_velocity(x_t, t, cond)
     return (v - (eps - x0)).pow(2).mean()
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with ``num_threads`` torch intra-op threads (None: unchanged)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_data(images: Tensor, prompts: Sequence[str], model: ToyFlowModel) -> None:
@@ -106,14 +118,10 @@ def pretrain_flow_model(
         raise ValueError(f"num_steps={num_steps}, batch_size={batch_size}: both must be >= 1")
     if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"time_sampling={time_sampling!r}: expected one of {TIME_SAMPLINGS}")
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads or old_threads)
-    try:
+    with torch_threads(num_threads):
         return _train(model, images, prompts, num_steps=num_steps, batch_size=batch_size, lr=lr,
                       seed=seed, warmup_steps=warmup_steps, weight_decay=weight_decay,
                       time_sampling=time_sampling, progress=progress)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _train(model: ToyFlowModel, images: Tensor, prompts: Sequence[str], *, num_steps: int,
