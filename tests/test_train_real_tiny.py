@@ -232,3 +232,33 @@ def test_paper_recipe_runs_with_a_tiny_model(name, tmp_path, fresh_accelerate_st
     (evaluation,) = read_rows(tmp_path / name / "eval.jsonl")
     assert_finite_numbers(evaluation, "eval.jsonl")
     assert "diversity" in evaluation
+
+
+def test_sd35_recipe_trains_from_a_dotted_hub_id_in_the_offline_cache(
+        tmp_path, monkeypatch, fresh_accelerate_state):
+    """The recipe's path for real weights: a hub id with dots passes validation and loads
+    from the local Hugging Face cache with HF_HUB_OFFLINE=1 (a tiny pipeline stands in)."""
+    from flowdppo.trainer.loop import Trainer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    repo = cache / "models--flowdppo-test--tiny-stable-diffusion-3.5-medium"
+    tiny_pipe("sd3").save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    shrink = [*overrides(), "model.pretrained=flowdppo-test/tiny-stable-diffusion-3.5-medium",
+              f"model.kwargs={{resolution: 64, max_sequence_length: 32, cache_dir: '{cache}'}}",
+              "sampling.group_size=2", "sampling.num_groups=2", "sampling.sample_batch_size=4",
+              "sampling.eval_num_steps=2", "rewards.items=[{name: jpeg_compressibility}]",
+              "eval.monitors=[]", "eval.max_prompts=1", "eval.samples_per_prompt=2",
+              "train.num_iterations=1", "logging.progress_bar=false"]
+    trainer = Trainer(resolve(load_config(str(RECIPES / "sd35_dppo.yaml"), shrink)),
+                      tmp_path / "run")
+    trainer.run()
+    (row,) = read_rows(tmp_path / "run" / "metrics.jsonl")
+    assert_finite_numbers(row, "metrics.jsonl")
+    # The base weights are the cached pipeline's, loaded in the recipe's bf16.
+    reference = tiny_pipe("sd3").transformer.transformer_blocks[0].attn.to_q.weight
+    loaded = dict(trainer.model.pipe.transformer.named_parameters())
+    base = loaded["transformer_blocks.0.attn.to_q.base_layer.weight"]
+    assert base.dtype == torch.bfloat16 and torch.equal(base, reference.to(torch.bfloat16))
