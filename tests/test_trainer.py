@@ -18,33 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_overrides
 from flowdppo.cli import main
 from flowdppo.config import load_config, resolve
 from flowdppo.rewards import register_reward
 from flowdppo.trainer.commands import RECIPES
 
 METHOD_RECIPES = sorted(p.stem for p in RECIPES.glob("toy_*.yaml"))
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A random toy model with the digits vocabulary, saved like a pretrained base."""
-    from flowdppo.models.toy import ToyFlowModel
-    from flowdppo.worlds.digits import BASE_RECIPE, vocabulary
-
-    directory = tmp_path_factory.mktemp("tiny_base")
-    model = ToyFlowModel.create(vocabulary(BASE_RECIPE["templates"]), num_layers=1, num_heads=2,
-                                head_dim=16, text_dim=32, max_length=8, seed=0)
-    model.save_pretrained(directory)
-    return directory
-
-
-def tiny_overrides(base: Path, iterations: int = 2) -> list[str]:
-    return [f"model.pretrained={base}", f"train.num_iterations={iterations}",
-            "sampling.num_steps=4", "sampling.sde_window=2", "sampling.sde_window_range=[0.0, 0.75]",
-            "sampling.group_size=3", "sampling.num_groups=2", "sampling.eval_num_steps=3",
-            "eval.max_prompts=2", "eval.samples_per_prompt=2", "eval.every=1",
-            "checkpoint.every=1", "logging.progress_bar=false", "optim.lr=0.05", "device=cpu"]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -74,8 +54,9 @@ def test_every_method_recipe_trains_two_iterations(recipe, tiny_base, tmp_path):
                     "time_update_s", "grad_norm"):
             assert math.isfinite(row[key]), (recipe, key, row[key])
     if trainer.resolved.algorithm.kind == "likelihood":
-        # The first update replays the rollout under the same weights: r == 1 exactly.
-        assert rows[0]["ratio_min"] == pytest.approx(1.0, abs=1e-5) or trainer.cfg.train.num_updates > 1
+        # (r == 1 at the first update is checked in test_rollout.py; here the second
+        # optimizer step of each rollout is off-policy, so r spreads around 1.)
+        assert rows[0]["ratio_min"] <= 1.0 <= rows[0]["ratio_max"]
         assert "kl_old_new_mean" in rows[0] and rows[0]["kl_unit"] == "mean"
     evals = read_rows(out / "eval.jsonl")
     assert [r["step"] for r in evals] == [0, 1, 2]

@@ -179,13 +179,28 @@ class Trainer:
                     lambda: self.accelerator.no_sync(self.model.transformer),
                     self.accelerator.backward, self._diagnose)
                 metrics.update(self._optimizer_step())
-                metrics_all.append(metrics)
+                metrics_all.append(self._reduce_across_processes(metrics))
         if self.old_policy is not None:
             self.old_policy.update_ema(cfg.train.old_policy_ema)
         if self.ema is not None:
             self.ema.update_ema(cfg.train.ema_decay)
         return {k: float(torch.stack([m[k] for m in metrics_all]).float().nanmean())
                 for k in metrics_all[0]}
+
+    def _reduce_across_processes(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every process's metrics combined: min/max for extremes, mean otherwise (processes
+        hold equal numbers of entries). One gather for all keys."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        local = torch.stack([metrics[k].float().reshape(()) for k in keys]).to(self.accelerator.device)
+        table = self.accelerator.gather(local[None]).cpu()  # (world, keys)
+        out = {}
+        for j, key in enumerate(keys):
+            column = table[:, j]
+            out[key] = (column.min() if key.endswith("_min") else column.max()
+                        if key.endswith("_max") else column.nanmean())
+        return out
 
     def _diagnose(self, batch) -> dict[str, Tensor]:
         clip = self.cfg.train.diagnostic_clip_range
@@ -294,7 +309,7 @@ class Trainer:
         cfg = self.cfg
         items = self.prompts.eval[: cfg.eval.max_prompts]
         context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with context, self.accelerator.autocast():
+        with context, self._unwrapped(), self.accelerator.autocast():
             result = evaluate(
                 self.model, items, samples_per_prompt=cfg.eval.samples_per_prompt,
                 sigmas=self.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
@@ -309,6 +324,17 @@ class Trainer:
             self.logger.add_image("eval/samples", path, step)
         self.logger.flush()
         return row
+
+    @contextlib.contextmanager
+    def _unwrapped(self):
+        """The bare transformer for main-process-only work: a DDP forward would broadcast
+        buffers and wait for processes that are not running it."""
+        wrapped = self.model.transformer
+        self.model.transformer = unwrap(wrapped)
+        try:
+            yield
+        finally:
+            self.model.transformer = wrapped
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -5,9 +5,8 @@ window of steps only and Euler ODE steps elsewhere. The record holds, for the wi
 steps only, what an update needs to replay them: ``x_t``, ``x_next``, times, the frozen
 old mean (fp32) and std, and optionally the reference policy's mean.
 
-Noise is drawn for the *global* batch from generators keyed by (seed, stream, step) and
-then sliced, so a sample's noise does not depend on how the batch is split over processes
-or sampling chunks.
+Noise comes from generators keyed by (seed, stream, draw, global sample index), so a
+sample's noise does not depend on how the batch is split over processes or sampling chunks.
 """
 
 from __future__ import annotations
@@ -40,12 +39,18 @@ class NoiseSource:
     stop: int
 
     def draw(self, index: int, shape: Sequence[int], device: torch.device) -> Tensor:
-        """Noise for draw ``index`` (0 = initial latents, i + 1 = step i), float32."""
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.stream * 10_007 + index) % (2**63 - 1)
-        )
-        full = torch.randn((self.global_batch, *shape), generator=generator)
-        return full[self.start : self.stop].to(device)
+        """Noise for draw ``index`` (0 = initial latents, i + 1 = step i), float32.
+
+        Each row has its own generator keyed by its global row number, so a process draws
+        only its own rows (cost proportional to the local batch, not the global one).
+        """
+        base = (self.seed * 1_000_003 + self.stream * 10_007 + index) * 1_000_033
+        generator = torch.Generator()
+        rows = []
+        for row in range(self.start, self.stop):
+            generator.manual_seed((base + row) % (2**63 - 1))
+            rows.append(torch.randn(tuple(shape), generator=generator))
+        return torch.stack(rows).to(device)
 
     def slice(self, start: int, stop: int) -> NoiseSource:
         """Rows ``[start, stop)`` of this slice (for sampling in chunks)."""
