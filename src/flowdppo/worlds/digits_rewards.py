@@ -112,14 +112,19 @@ def ensure_digit_classifier(cache_dir: str | Path | None = None, force: bool = F
                          force=force)
 
 
+def load_digit_classifier(cache_dir: str | None = None, device: str = "cpu") -> DigitCNN:
+    """The reward classifier on ``device`` (trained and cached on first use; a fresh module
+    per call, so rewards on different devices or threads share no state)."""
+    model = DigitCNN()
+    model.load_state_dict(_classifier_state(cache_dir))
+    return model.to(device).eval().requires_grad_(False)
+
+
 @lru_cache(maxsize=4)
-def load_digit_classifier(cache_dir: str | None = None) -> DigitCNN:
-    """The cached reward classifier on the CPU (trained on first use)."""
+def _classifier_state(cache_dir: str | None) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    model = DigitCNN()
-    model.load_state_dict(load_file(str(ensure_digit_classifier(cache_dir) / "classifier.safetensors")))
-    return model.eval().requires_grad_(False)
+    return load_file(str(ensure_digit_classifier(cache_dir) / "classifier.safetensors"))
 
 
 def digit_labels(prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> Tensor:
@@ -153,14 +158,14 @@ def ink_score(images: Tensor, target: float, width: float) -> Tensor:
 
 def _label_probs(classifier: DigitCNN, images: Tensor, labels: Tensor, device: str) -> Tensor:
     with torch.no_grad():
-        probs = classifier.to(device)(images.to(device)).softmax(-1).cpu()
+        probs = classifier(images.to(device)).softmax(-1).cpu()
     return probs.gather(1, labels[:, None]).squeeze(1)
 
 
 @register_reward("digit_label")
 def digit_label_reward(device: str = "cpu", cache_dir: str | None = None) -> Reward:
     """p(label | image) from the cached CNN classifier."""
-    classifier = load_digit_classifier(cache_dir)
+    classifier = load_digit_classifier(cache_dir, device)
 
     def reward(images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]):
         labels = digit_labels(prompts, metadata)
@@ -193,7 +198,7 @@ def digit_label_ink_reward(device: str = "cpu", target: float = DEFAULT_INK_TARG
                            width: float = DEFAULT_INK_WIDTH, cache_dir: str | None = None) -> Reward:
     """p(label) * ink score: legible digits with thicker strokes."""
     _check_ink(target, width)
-    classifier = load_digit_classifier(cache_dir)
+    classifier = load_digit_classifier(cache_dir, device)
 
     def reward(images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]):
         images = _check_images(images).cpu()
