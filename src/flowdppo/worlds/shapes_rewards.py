@@ -73,17 +73,18 @@ def _label_components(mask: Tensor) -> Tensor:
     """8-connected components: `(B, H, W)` long, 0 background, ids 1..M over the batch."""
     batch, height, width = mask.shape
     # float32 holds integer ids exactly up to 2^24 (65k images of 16x16).
-    labels = torch.arange(1, batch * height * width + 1, dtype=torch.float32).view(mask.shape)
-    labels = labels * mask
+    start = torch.arange(1, batch * height * width + 1, dtype=torch.float32).view(mask.shape)
+    labels = start * mask
     while True:  # propagate the largest id through each component
         grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
         if torch.equal(grown, labels):
             break
         labels = grown
-    # A leading 0 makes the background id 0 even when every pixel is foreground.
-    flat = torch.cat([torch.zeros(1, dtype=torch.long), labels.long().flatten()])
-    _, compact = torch.unique(flat, return_inverse=True)
-    return compact[1:].view(mask.shape)
+    # Each component's id is that of its last pixel (its root): number the roots 1..M.
+    roots = mask & (labels == start)
+    table = torch.zeros(batch * height * width + 1, dtype=torch.long)
+    table[start[roots].long()] = torch.arange(1, int(roots.sum()) + 1)
+    return table[labels.long()]
 
 
 def find_objects(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,12 +174,11 @@ def object_windows(intensity: Tensor, labels: Tensor, image_of: Tensor) -> Tenso
 
 def shape_misfit(windows: Tensor) -> Tensor:
     """`(M, 4)` misfit ``1 - max cos^2`` of each window against each shape's templates."""
-    bank, index = template_bank()
+    bank, _ = template_bank()
     flat = F.normalize(windows.flatten(1), dim=1)
     cos2 = (flat @ bank.T) ** 2  # (M, N)
-    best = torch.full((flat.shape[0], len(SHAPES)), 0.0)
-    best = best.scatter_reduce(1, index.expand_as(cos2), cos2, reduce="amax")
-    return 1.0 - best
+    # The bank holds each shape's templates as one contiguous block of equal size.
+    return 1.0 - cos2.view(flat.shape[0], len(SHAPES), -1).amax(dim=2)
 
 
 def judge(images: Tensor) -> Judgement:
@@ -208,7 +208,8 @@ def _sorted_areas(area: Tensor, image_of: Tensor, batch: int) -> Tensor:
     """Per image, its objects' areas sorted descending, zero-padded: `(B, max(2, K))`."""
     width = max(2, int(torch.bincount(image_of, minlength=batch).max()))
     out = torch.zeros(batch, width)
-    order = torch.argsort(image_of * 1e6 - area, stable=True)  # by image, then area descending
+    by_area = torch.argsort(area, descending=True, stable=True)
+    order = by_area[torch.argsort(image_of[by_area], stable=True)]  # by image, then area desc.
     sorted_images = image_of[order]
     first = torch.searchsorted(sorted_images, sorted_images, right=False)
     rank = torch.arange(order.numel()) - first
