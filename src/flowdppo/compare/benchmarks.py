@@ -38,7 +38,7 @@ def _recipe(model: str, prompts: str, rewards: list[dict], monitors: list[dict])
                      "eval_num_steps": 10},
         "rewards": {"items": rewards},
         "optim": {"lr": 1e-3, "grad_clip": 1.0},
-        "train": {"num_updates": 1, "micro_batch_size": 256},
+        "train": {"num_updates": 1, "minibatches_per_pass": 2, "micro_batch_size": 256},
         "eval": {"samples_per_prompt": 8, "max_prompts": 20, "monitors": monitors},
         "checkpoint": {"every": 1000, "keep_last": 1},
         "logging": {"tensorboard": False, "progress_bar": False},

@@ -25,8 +25,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (quick: the first)")
     parser.add_argument("--output-dir", default=None, help="default runs/compare_<benchmark>")
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, short runs, no sweep, no lr stress (for a first look)")
+                        help="1 seed, short runs, no sweep, no lr stress, updates 1/2/4 (a first look)")
     parser.add_argument("--no-sweep", action="store_true", help="use every method's scaled paper setting")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of main,lr_x3,updates_2,updates_4,updates_8 "
+                             "(default: all; quick: main,updates_2,updates_4)")
     parser.add_argument("--iterations", type=int, default=None, help="override iterations per run")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: cores, max 4)")
@@ -36,12 +39,23 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from .benchmarks import get_benchmark
     from .methods import DEFAULT_METHODS, get_method
-    from .runner import execute, study_runs, sweep_runs
+    from .runner import (
+        ALL_VARIANTS,
+        QUICK_VARIANTS,
+        execute,
+        study_runs,
+        sweep_runs,
+        variant_overrides,
+    )
 
     bench = get_benchmark(args.benchmark)
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
     for method in methods:
         get_method(method)  # unknown names fail before any run starts
+    variants = args.variants.split(",") if args.variants else list(
+        QUICK_VARIANTS if args.quick else ALL_VARIANTS)
+    for variant in variants:
+        variant_overrides(bench, variant)  # unknown names fail before any run starts
     seeds = [int(s) for s in args.seeds.split(",")]
     seeds = seeds[:1] if args.quick else seeds
     iterations = args.iterations or (bench.quick_iterations if args.quick else bench.iterations)
@@ -56,7 +70,7 @@ def run_compare(args: argparse.Namespace) -> int:
         sweep = sweep_runs(bench, methods, iterations, args.device)
         execute(root, sweep, jobs, threads)
         factors = choose_factors(root, sweep)
-    study = study_runs(bench, methods, seeds, iterations, factors, args.device, args.quick)
+    study = study_runs(bench, methods, seeds, iterations, factors, args.device, variants)
     execute(root, study, jobs, threads)
     outputs = write_report(root, bench, study, factors, time.perf_counter() - start)
     print("\n".join(f"wrote {p}" for p in outputs))

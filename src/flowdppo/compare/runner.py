@@ -72,23 +72,35 @@ def sweep_runs(bench: Benchmark, methods: Sequence[str], iterations: int, device
             for m in methods for f in SWEEP_FACTORS]
 
 
+ALL_VARIANTS = ("main", "lr_x3", "updates_2", "updates_4", "updates_8")
+QUICK_VARIANTS = ("main", "updates_2", "updates_4")
+
+
+def variant_overrides(bench: Benchmark, variant: str) -> dict[str, Any]:
+    """The stress axis: ``lr_x3`` triples the learning rate; ``updates_<n>`` reuses each
+    rollout for n passes (n x the optimizer steps per rollout)."""
+    if variant == "main":
+        return {}
+    if variant == "lr_x3":
+        return {"optim": {"lr": 3 * bench.recipe["optim"]["lr"]}}
+    if variant.startswith("updates_") and variant.split("_")[1].isdigit():
+        return {"train": {"num_updates": int(variant.split("_")[1])}}
+    raise ValueError(f"unknown variant {variant!r}: expected one of {ALL_VARIANTS}")
+
+
 def study_runs(bench: Benchmark, methods: Sequence[str], seeds: Sequence[int], iterations: int,
-               factors: dict[str, float], device: str, quick: bool) -> list[RunSpec]:
-    """The main comparison plus the stress axis (higher lr; several updates per rollout)."""
-    lr = bench.recipe["optim"]["lr"]
+               factors: dict[str, float], device: str, variants: Sequence[str]) -> list[RunSpec]:
+    """The main comparison plus the stress axis; the multi-epoch variants (``updates_*``)
+    run for the methods of the multi-epoch study only (GRPO vs DPPO, SDE and CPS)."""
     runs = []
-    for method in methods:
-        for seed in seeds:
-            f = factors.get(method, 1.0)
-            runs.append(make_run(bench, method, seed, "main", iterations, f, device=device))
-            if not quick:
-                runs.append(make_run(bench, method, seed, "lr_x3", iterations, f,
-                                     {"optim": {"lr": 3 * lr}}, device))
-            if method not in MULTI_EPOCH_METHODS:
+    for variant in variants:
+        extra = variant_overrides(bench, variant)
+        for method in methods:
+            if variant.startswith("updates_") and method not in MULTI_EPOCH_METHODS:
                 continue
-            for updates in (2, 4) if quick else (2, 4, 8):
-                runs.append(make_run(bench, method, seed, f"updates_{updates}", iterations, f,
-                                     {"train": {"num_updates": updates}}, device))
+            for seed in seeds:
+                runs.append(make_run(bench, method, seed, variant, iterations,
+                                     factors.get(method, 1.0), extra, device))
     return runs
 
 
