@@ -30,6 +30,7 @@ class Benchmark:
 
 def _recipe(model: str, prompts: str, rewards: list[dict], monitors: list[dict]) -> dict[str, Any]:
     return {
+        "num_threads": 1,  # runs go in parallel, one core each
         "model": {"name": "toy", "pretrained": model},
         "prompts": {"source": prompts},
         "lora": {"enabled": True, "rank": 8, "alpha": 16.0},

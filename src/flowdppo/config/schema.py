@@ -130,6 +130,7 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/toy_dppo"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest for the toy model
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

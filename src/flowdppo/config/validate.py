@@ -157,6 +157,7 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
     _check_threshold(spec.name, hparams)
     trained_steps, first, stop = _check_sampling(cfg, dynamics, spec.kind == "forward")
     total = _check_batch_geometry(cfg, world_size)
+    _check(cfg.num_threads >= 0, f"`num_threads`={cfg.num_threads}: must be >= 0 (0 = default)")
     _check(cfg.optim.lr > 0, f"`optim.lr`={cfg.optim.lr}: must be > 0")
     _check(cfg.train.num_iterations >= 1, "`train.num_iterations` must be >= 1")
     _check(0.0 <= cfg.train.ema_decay < 1.0, "`train.ema_decay` must lie in [0, 1)")

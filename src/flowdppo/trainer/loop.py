@@ -68,6 +68,8 @@ class Trainer:
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if self.main:
             setup.prepare_output_dir(output_dir, resume)
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)  # idle threads spin: tiny models want 1
         torch.manual_seed(cfg.seed)
         self.prompts = setup.load_prompts(cfg)
         device = self.accelerator.device
