@@ -214,3 +214,33 @@ def test_build_is_deterministic(tmp_path):
     assert len(files) == 2
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_shipped_base_leaves_headroom_but_is_not_garbage():
+    """Colour and position learnt, shape weak: RL has room (recorded numbers in recipe.json)."""
+    from flowdppo.models import build_model
+    from flowdppo.worlds.pretrain import sample_ode
+
+    model = build_model("toy", pretrained=shapes.ensure_shapes_base())
+    scenes = split_scenes()[0][::3]  # 32 training scenes
+    images = sample_ode(model, [s.caption for s in scenes], num_steps=10, seed=0)
+    scores = judge_mod.clause_scores(judge_mod.judge(images), scenes)
+    assert float(scores["color"].mean()) > 0.9 and float(scores["position"].mean()) > 0.9
+    assert float(scores["shape"].mean()) < 0.75
+    assert 0.6 < float(torch.stack(list(scores.values())).mean()) < 0.92
+
+
+@pytest.mark.slow
+def test_recorded_base_scores_reproduce():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_shapes_base.py"
+    spec = importlib.util.spec_from_file_location("make_shapes_base", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    directory = Path(shapes.ensure_shapes_base())
+    recorded = json.loads((directory / shapes.RECIPE_FILE).read_text())["base_scores"]
+    measured = script.measure(directory)
+    for split, row in recorded.items():
+        for key, value in row.items():
+            assert measured[split][key] == pytest.approx(value, abs=0.02), (split, key)
