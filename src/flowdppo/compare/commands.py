@@ -33,6 +33,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override iterations per run")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: cores, max 4)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every run (repeatable)")
     parser.set_defaults(func=run_compare)
 
 
@@ -48,7 +50,7 @@ def run_compare(args: argparse.Namespace) -> int:
         variant_overrides,
     )
 
-    bench = get_benchmark(args.benchmark)
+    bench = with_overrides(get_benchmark(args.benchmark), args.overrides)
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
     for method in methods:
         get_method(method)  # unknown names fail before any run starts
@@ -75,6 +77,19 @@ def run_compare(args: argparse.Namespace) -> int:
     outputs = write_report(root, bench, study, factors, time.perf_counter() - start)
     print("\n".join(f"wrote {p}" for p in outputs))
     return 0
+
+
+def with_overrides(bench, overrides: list[str]):
+    """The benchmark with ``KEY=VALUE`` overrides merged into its shared recipe (validated)."""
+    import dataclasses
+
+    from ..config import RunConfig, apply_overrides, from_dict
+
+    if not overrides:
+        return bench
+    recipe = apply_overrides(json.loads(json.dumps(bench.recipe)), overrides)
+    from_dict(RunConfig, recipe)  # unknown keys and wrong types fail before any run
+    return dataclasses.replace(bench, recipe=recipe)
 
 
 def choose_factors(root: Path, sweep) -> dict[str, float]:
