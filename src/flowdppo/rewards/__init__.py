@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import module_loader
 from .base import (
     MONITORS,
     REWARDS,
@@ -27,20 +26,7 @@ _BUILTIN_MODULES = (
     "flowdppo.rewards.ocr",
     "flowdppo.rewards.remote",
 )
-_loaded = False
-
-
-def load_builtin_rewards() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not (err.name and module.startswith(err.name)):
-                raise
+load_builtin_rewards = module_loader(_BUILTIN_MODULES)
 
 
 __all__ = [

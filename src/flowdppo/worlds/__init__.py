@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+from ..lazy import module_loader
+
 _BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes")
-_loaded = False
-
-
-def load_builtin_worlds() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not (err.name and module.startswith(err.name)):
-                raise
+load_builtin_worlds = module_loader(_BUILTIN_MODULES)
 
 
 # builtin:<world> base models: "module:function" returning the base model's directory.
