@@ -52,14 +52,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         _recipe("builtin:digits", "digits", [{"name": "digit_label_ink", "weight": 1.0}],
                 [{"name": "digit_label"}, {"name": "digit_ink"}, {"name": "digit_judge"},
                  {"name": "diversity"}, {"name": "digit_fd"}]),
-        iterations=60, quick_iterations=30, eval_every=10,
+        iterations=30, quick_iterations=20, eval_every=10,
         reward_components=("digit_label_mean", "digit_ink_mean"),
     ),
     "shapes": Benchmark(
         "shapes", 768,
         _recipe("builtin:shapes", "shapes", [{"name": "shapes_clauses", "weight": 1.0}],
                 [{"name": "shapes_judge"}, {"name": "diversity"}]),
-        iterations=60, quick_iterations=30, eval_every=10,
+        iterations=30, quick_iterations=20, eval_every=10,
     ),
 }
 

@@ -67,6 +67,7 @@ def run_compare(args: argparse.Namespace) -> int:
     jobs = args.jobs or (1 if args.device.startswith("cuda") else max(1, min(4, cores)))
     threads = max(1, cores // jobs)
     start = time.perf_counter()
+    _prepare_base(bench)
     factors: dict[str, float] = {}
     if not (args.quick or args.no_sweep):
         sweep = sweep_runs(bench, methods, iterations, args.device)
@@ -77,6 +78,15 @@ def run_compare(args: argparse.Namespace) -> int:
     outputs = write_report(root, bench, study, factors, time.perf_counter() - start)
     print("\n".join(f"wrote {p}" for p in outputs))
     return 0
+
+
+def _prepare_base(bench) -> None:
+    """Build a built-in base model once here, so parallel runs do not each pretrain it."""
+    pretrained = bench.recipe["model"]["pretrained"]
+    if pretrained.startswith("builtin:"):
+        from ..trainer.setup import resolve_pretrained
+
+        resolve_pretrained(pretrained)
 
 
 def with_overrides(bench, overrides: list[str]):
