@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from .. import STARTED_AT
 from ..advantages import compute_advantages
 from ..algorithms.diagnostics import ratio_vs_divergence
 from ..config import ResolvedRun, to_dict
@@ -277,7 +278,12 @@ class Trainer:
             self.run_eval(0)
         progress = self._progress()
         for it in range(self.start_iteration, cfg.train.num_iterations):
+            if it == self.start_iteration:
+                since = time.perf_counter() - STARTED_AT
+                logger.info("first RL iteration starts %.1f s after start-up", since)
             row = self.iteration(it)
+            if it == self.start_iteration:
+                row["time_first_iteration_start_s"] = since
             self.logger.log("metrics.jsonl", row)
             step = it + 1
             last = step == cfg.train.num_iterations
