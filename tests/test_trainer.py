@@ -151,3 +151,37 @@ def test_bad_input_fails_fast_with_the_field_named(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "no run there" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_sample_and_eval_commands_read_a_finished_run(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), *tiny_overrides(tiny_base, iterations=1)]) == 0
+    grid = tmp_path / "seven.png"
+    assert main(["sample", "--run", str(out), "--prompt", "a handwritten seven", "--num", "2",
+                 "--output", str(grid)]) == 0
+    assert grid.is_file() and grid.stat().st_size > 0
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(out), "--output", str(result)]) == 0
+    row = json.loads(result.read_text())
+    logged = read_rows(out / "eval.jsonl")[-1]
+    # The same checkpoint, prompts and evaluation noise give the logged numbers again.
+    assert row["reward_mean"] == pytest.approx(logged["reward_mean"], abs=1e-5)
+    assert row["kl_ref"] == pytest.approx(logged["kl_ref"], rel=1e-4)
+    capsys.readouterr()
+    assert main(["sample", "--run", str(out), "--checkpoint", str(tmp_path / "nope"),
+                 "--prompt", "a handwritten seven"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tiny_base, tmp_path):
+    from flowdppo.trainer.loop import Trainer
+
+    cfg = load_config(str(RECIPES / "toy_dppo.yaml"),
+                      [*tiny_overrides(tiny_base, iterations=1), "lora.enabled=false",
+                       "optim.lr=1e-3", "algorithm.hparams.beta=0.01"])
+    trainer = Trainer(resolve(cfg), tmp_path)
+    assert len(trainer.params) == len(list(trainer.model.transformer.parameters()))
+    trainer.run()
+    evals = read_rows(tmp_path / "eval.jsonl")
+    assert evals[0]["kl_ref"] == 0.0 and evals[-1]["kl_ref"] > 0
+    assert "kl_ref_mean" in read_rows(tmp_path / "metrics.jsonl")[0]
