@@ -19,7 +19,6 @@ _COMMAND_MODULES = (
     "flowdppo.worlds.commands",
     "flowdppo.compare.commands",
     "flowdppo.rewards.server",
-    "flowdppo.bench_cli",
 )
 
 
