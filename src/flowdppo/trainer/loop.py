@@ -166,6 +166,9 @@ class Trainer:
         """``num_updates`` passes over the rollout, ``minibatches_per_pass`` steps each."""
         cfg, spec, device = self.cfg, self.resolved.algorithm, self.accelerator.device
         valid = torch.isfinite(advantages).nonzero().squeeze(1)
+        if len(valid) == 0:
+            logger.warning("iteration %d: every image was dropped (non-finite rewards); no update", it)
+            return {}
         advantages = torch.nan_to_num(advantages, nan=0.0).to(device)
         forward_inputs = self._forward_inputs(it, rollout, plan) if self.forward_kind else None
         generator = torch.Generator().manual_seed(cfg.seed * 104_729 + it)
