@@ -71,7 +71,7 @@ def _check_sampling(cfg: RunConfig, dynamics: str, forward: bool) -> tuple[int, 
     return s.sde_window, first, stop
 
 
-def _check_threshold(name: str, hparams: Any) -> None:
+def _check_threshold(hparams: Any) -> None:
     threshold = getattr(hparams, "threshold", None)
     if threshold is None:
         return
@@ -154,7 +154,7 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
     if spec.name == "guard":
         _check(dynamics == "flow_sde", "GRPO-Guard is defined for Flow-SDE only: set "
                "`sampling.dynamics: flow_sde`")
-    _check_threshold(spec.name, hparams)
+    _check_threshold(hparams)
     trained_steps, first, stop = _check_sampling(cfg, dynamics, spec.kind == "forward")
     total = _check_batch_geometry(cfg, world_size)
     _check(cfg.num_threads >= 0, f"`num_threads`={cfg.num_threads}: must be >= 0 (0 = default)")

@@ -312,7 +312,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.cfg.train.num_iterations, initial=self.start_iteration,
-                    desc="flowdppo train", unit="it", dynamic_ncols=True)
+                    desc="flowdppo train", unit="it", dynamic_ncols=True,
+                    disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
         if not self.main:

@@ -143,7 +143,8 @@ def _train(model: ToyFlowModel, images: Tensor, prompts: Sequence[str], *, num_s
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     wall, cpu = time.perf_counter(), time.process_time()
-    bar = tqdm(range(num_steps), desc="pretrain", disable=not progress, leave=False)
+    bar = tqdm(range(num_steps), desc="pretrain", disable=None if progress else True,
+               leave=False)  # None: off when stderr is not a terminal
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         t = sample_times(batch_size, time_sampling, generator)
