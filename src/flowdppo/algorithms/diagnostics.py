@@ -72,7 +72,5 @@ def ratio_vs_divergence(batch: PolicyStepBatch, *, clip_range: float, reduce: st
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = a.norm() * b.norm()
-    if float(denom) == 0.0:
-        return torch.tensor(float("nan"))
-    return (a @ b / denom).float()
+    denom = a.norm() * b.norm()  # 0 when either side is constant: NaN, without a host sync
+    return torch.where(denom > 0, a @ b / denom, torch.full_like(denom, float("nan"))).float()

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ..dynamics import check_all
 from .base import LossOutput, PolicyStepBatch, register_algorithm
 from .common import (
     aggregate,
@@ -50,8 +51,7 @@ def guard_loss(batch: PolicyStepBatch, *, clip_range: float, reduce: str, beta: 
     check_reduce(reduce)
     replay = prepare(batch)
     dt = batch.dt.detach().to(rl_dtype(batch.dt.dtype))
-    if not bool((dt > 0).all()):
-        raise ValueError("batch.dt must be > 0 (t - t_next) for GRPO-Guard's 1/dt step weights")
+    check_all(dt > 0, "batch.dt must be > 0 (t - t_next) for GRPO-Guard's 1/dt step weights")
     log_r = log_ratio(replay, reduce)
     kl = kl_old_new(replay, reduce)
     log_r_hat = replay.s * (log_r + kl)

@@ -1,7 +1,7 @@
 """Pure-torch sampler dynamics and exact Gaussian divergences (no diffusers import)."""
 
 from .base import DYNAMICS, Dynamics, as_time, get_dynamics, register_dynamics
-from .gaussian import REDUCTIONS, gaussian_kl, gaussian_log_prob, gaussian_tv
+from .gaussian import REDUCTIONS, check_all, gaussian_kl, gaussian_log_prob, gaussian_tv
 from .samplers import CPS, ODE, FlowSDE
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Dynamics",
     "FlowSDE",
     "as_time",
+    "check_all",
     "gaussian_kl",
     "gaussian_log_prob",
     "gaussian_tv",

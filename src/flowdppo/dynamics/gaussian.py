@@ -47,13 +47,25 @@ def _check_std(std: Tensor | float, like: Tensor, *, allow_zero: bool = False) -
         ) from err
     if std.ndim > like.ndim:
         raise ValueError(f"std has more dimensions ({std.ndim}) than the sample ({like.ndim})")
-    bad = std < 0 if allow_zero else std <= 0
-    if bool(bad.any()):
-        raise ValueError(
-            "std must be > 0 for a log-probability or divergence; a deterministic (ODE or "
-            "final CPS) step has no density and is never a training step"
-        )
+    ok = std >= 0 if allow_zero else std > 0
+    message = ("std must be > 0 for a log-probability or divergence; a deterministic (ODE or "
+               "final CPS) step has no density and is never a training step")
+    check_all(ok, message)
     return std
+
+
+def check_all(ok: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless every element of ``ok`` is true.
+
+    On an accelerator the check is queued on the device (``torch._assert_async``) instead of
+    read back: a read-back would stall the host on every loss call. A failure there surfaces
+    as a device-side assertion at the next synchronisation.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok.all(), message)
 
 
 def _reduce(per_element: Tensor, reduce: str) -> Tensor:

@@ -185,27 +185,30 @@ class Trainer:
                     lambda: self.accelerator.no_sync(self.model.transformer),
                     self.accelerator.backward, self._diagnose)
                 metrics.update(self._optimizer_step())
-                metrics_all.append(self._reduce_across_processes(metrics))
+                metrics_all.append(metrics)
         if self.old_policy is not None:
             self.old_policy.update_ema(cfg.train.old_policy_ema)
         if self.ema is not None:
             self.ema.update_ema(cfg.train.ema_decay)
-        return {k: float(torch.stack([m[k] for m in metrics_all]).float().nanmean())
-                for k in metrics_all[0]}
+        return self._reduce_metrics(metrics_all)
 
-    def _reduce_across_processes(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every process's metrics combined: min/max for extremes, mean otherwise (processes
-        hold equal numbers of entries). One gather for all keys."""
-        if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        local = torch.stack([metrics[k].float().reshape(()) for k in keys]).to(self.accelerator.device)
-        table = self.accelerator.gather(local[None]).cpu()  # (world, keys)
+    def _reduce_metrics(self, per_step: list[dict[str, Tensor]]) -> dict[str, float]:
+        """The iteration's metrics: per optimizer step, every process's values combined
+        (min/max for extremes, mean otherwise: processes hold equal numbers of entries),
+        then the mean over steps. Metrics stay on the device until here, so the update
+        loop never waits for the host; one gather and one read-back for everything."""
+        keys = sorted(per_step[0])
+        device = self.accelerator.device
+        local = torch.stack([torch.stack([m[k].to(device).float().reshape(()) for k in keys])
+                             for m in per_step])  # (steps, keys)
+        table = self.accelerator.gather(local[None]) if self.world > 1 else local[None]
+        table = table.cpu()  # (world, steps, keys)
         out = {}
         for j, key in enumerate(keys):
-            column = table[:, j]
-            out[key] = (column.min() if key.endswith("_min") else column.max()
-                        if key.endswith("_max") else column.nanmean())
+            column = table[:, :, j]
+            per_step_value = (column.min(0).values if key.endswith("_min") else
+                              column.max(0).values if key.endswith("_max") else column.nanmean(0))
+            out[key] = float(per_step_value.nanmean())
         return out
 
     def _diagnose(self, batch) -> dict[str, Tensor]:
@@ -217,7 +220,7 @@ class Trainer:
 
     def _forward_inputs(self, it: int, rollout: Rollout, plan: Plan) -> tuple[Tensor, Tensor]:
         """Training times (the window's grid points) and fixed noise for forward methods."""
-        times = self.sigmas[plan.steps].float()
+        times = self.sigmas[plan.steps].float().to(self.accelerator.device)
         local = self.local_slice()
         noise = NoiseSource(self.cfg.seed, -2 - it, len(plan.prompts), local.start, local.stop)
         eps = torch.stack([noise.draw(j, self.model.latent_shape, self.accelerator.device)
@@ -245,7 +248,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": torch.as_tensor(grad_norm).detach().float().cpu(),
+        return {"grad_norm": torch.as_tensor(grad_norm).detach().float(),
                 "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
 
     # -- the loop -------------------------------------------------------------------------

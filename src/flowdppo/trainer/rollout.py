@@ -23,6 +23,17 @@ from ..models import Conditioning, FlowModel
 _ODE = get_dynamics("ode")
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to ``device`` without stalling the host on a GPU.
+
+    A plain copy from pageable memory waits for the device's queue to drain; from pinned
+    memory the copy is queued like a kernel, so the sampling loop keeps the GPU fed.
+    """
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class NoiseSource:
     """Deterministic Gaussian noise for rows ``[start, stop)`` of a global batch.
@@ -50,7 +61,7 @@ class NoiseSource:
         for row in range(self.start, self.stop):
             generator.manual_seed((base + row) % (2**63 - 1))
             rows.append(torch.randn(tuple(shape), generator=generator))
-        return torch.stack(rows).to(device)
+        return to_device(torch.stack(rows), device)
 
     def slice(self, start: int, stop: int) -> NoiseSource:
         """Rows ``[start, stop)`` of this slice (for sampling in chunks)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..algorithms import AlgorithmSpec, PolicyStepBatch, VelocityBatch
 from ..dynamics import Dynamics
 from ..models import Conditioning, FlowModel
-from .rollout import Rollout
+from .rollout import Rollout, to_device
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class Entries:
 
     def split(self, size: int) -> list[Entries]:
         return [Entries(s, t) for s, t in zip(self.sample.split(size), self.step.split(size))]
+
+    def to(self, device: torch.device) -> Entries:
+        """The indices on ``device`` (indexing device tensors with host indices syncs)."""
+        return Entries(to_device(self.sample, device), to_device(self.step, device))
 
 
 def entries_for(samples: Tensor, num_steps: int) -> Entries:
@@ -69,6 +73,7 @@ def likelihood_batch(
     cond: Conditioning, entries: Entries, guidance_scale: float,
 ) -> PolicyStepBatch:
     """Replay ``entries``: the current policy's mean at the stored states."""
+    entries = entries.to(rollout.x_t.device)
     s, k = entries.sample, entries.step
     x_t, t, t_next = rollout.x_t[s, k], rollout.t[s, k], rollout.t_next[s, k]
     v = model.predict_velocity(x_t.to(model.device), t, cond.index(s), guidance_scale)
@@ -89,9 +94,10 @@ def forward_batch(
 
     ``noise`` (B, k, *latent) is fixed per rollout so every pass sees the same x_t.
     """
+    entries = entries.to(rollout.latents.device)
     s, k = entries.sample, entries.step
     x0, eps = rollout.latents[s], noise[s, k]
-    t = times[k].to(x0.device, x0.dtype)
+    t = times.to(x0.device, x0.dtype)[k]
     t_b = t.view(-1, *([1] * (x0.ndim - 1)))
     x_t = (1 - t_b) * x0 + t_b * eps
     rows = cond.index(s)
