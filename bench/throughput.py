@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -220,36 +221,76 @@ class Stages:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def iteration(self) -> None:
+    def iteration(self, replays: int | None = None) -> None:
+        """The issue's recipe: rollout, ``R`` no-grad replays, ``U x S`` optimizer steps."""
         r = self.recipe
         rollout = self.rollout()
         with torch.no_grad():
-            for j in range(r.num_replays):
+            for j in range(r.num_replays if replays is None else replays):
                 self._batch(rollout, self._entries(j % r.trained_steps))
         for _ in range(r.num_updates):
             for step in torch.randperm(r.trained_steps).tolist():
                 self.update(rollout, step)
+
+    def trainer(self) -> None:
+        """What ``flowdppo train`` runs: no replays, since the rollout records the old means."""
+        self.iteration(replays=0)
 
 
 def measure(stages: Stages, mode: str, checkpointing: bool, repeats: int,
             flops: dict[str, float]) -> dict[str, Any]:
     """One table row; times and FLOPs per sample, memory the peak of the whole batch."""
     device, recipe = stages.model.device, stages.recipe
-    t = {name: timed(getattr(stages, name), repeats, device)
-         for name in ("forward", "rollout", "update", "iteration")}
+    names = ["forward", "rollout", "update", "iteration"]
+    if recipe.num_replays:  # with R = 0 the trainer's iteration is the recipe's
+        names.append("trainer")
+    t = {name: timed(getattr(stages, name), repeats, device) for name in names}
     ms = {name: t[name]["ms"] / stages.batch for name in t}
+    ms.setdefault("trainer", ms["iteration"])
+    no_replays = replace(recipe, num_replays=0)
     floor = floor_ms(ms["forward"], ms["update"], recipe)
-    issue_floor = floor_ms(ISSUE_H100[mode]["forward_ms"], ISSUE_H100[mode]["update_ms"], recipe)
+    issue = ISSUE_H100[mode]["forward_ms"], ISSUE_H100[mode]["update_ms"]
+    issue_floor = floor_ms(*issue, recipe)
     # The floor's formula also counts an iteration's FLOPs from the primitives' FLOPs.
-    work = {**flops, "iteration": floor_ms(flops["forward"], flops["update"], recipe)}
+    work = {**flops, "iteration": floor_ms(flops["forward"], flops["update"], recipe),
+            "trainer": floor_ms(flops["forward"], flops["update"], no_replays)}
     row: dict[str, Any] = {"mode": mode, "checkpointing": checkpointing,
                            "first_call_s": sum(x["first_call_s"] for x in t.values())}
     row.update({f"{name}_ms": value for name, value in ms.items()})
     row.update(floor_ms=floor, ratio_to_floor=ms["iteration"] / floor, issue_floor_ms=issue_floor,
                ratio_to_issue_floor=ms["iteration"] / issue_floor)
+    # The trainer against its own floor (no replays) and against the issue's recipe floor.
+    trainer_floor = floor_ms(ms["forward"], ms["update"], no_replays)
+    row.update(trainer_floor_ms=trainer_floor, ratio_trainer_to_floor=ms["trainer"] / trainer_floor,
+               ratio_trainer_to_issue_floor=ms["trainer"] / issue_floor)
     row.update({f"peak_gib_{name}": t[name]["peak_gib"] for name in t if name != "rollout"})
     row.update({f"tflops_{name}": work[name] / ms[name] * 1e-9 for name in work})
     return row
+
+
+def count_host_syncs(stages: Stages) -> dict[str, Any]:
+    """Host-device synchronisations during one trainer iteration (CUDA only).
+
+    ``torch.cuda.set_sync_debug_mode`` warns on every synchronising call; the warnings'
+    source lines say where they come from.
+    """
+    import warnings
+
+    stages.trainer()  # warm: first-call allocations are not the loop's
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stages.trainer()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            site = f"{w.filename}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return {"count": sum(sites.values()), "sites": sites}
 
 
 def build(args: argparse.Namespace) -> tuple[Stages, torch.device, dict[str, Any]]:
@@ -267,6 +308,9 @@ def build(args: argparse.Namespace) -> tuple[Stages, torch.device, dict[str, Any
         raise ValueError(f"--trained-steps {recipe.trained_steps} must lie in [1, num_steps // 2] "
                          f"(the window is in the first half) and --replays {recipe.num_replays} >= 0")
     cuda = device.type == "cuda"
+    if args.sync_check and not cuda:
+        raise ValueError("--sync-check needs --device cuda (it uses CUDA's sync debug mode)")
+    chosen_configs(args, device)  # a bad --configs fails before the model is built
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     model = BenchModel(preset, resolution, tokens, device, dtype)
@@ -284,29 +328,58 @@ def build(args: argparse.Namespace) -> tuple[Stages, torch.device, dict[str, Any
     return Stages(model, batch, recipe, autocast), device, info
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the model, count FLOPs once (eager, no checkpointing), measure each configuration."""
+CONFIGS = ("eager", "eager+ckpt", "compiled", "compiled+ckpt")
+
+
+def chosen_configs(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """``--configs`` if given, else eager (+ compiled on CUDA), each also +ckpt with
+    ``--checkpointing``."""
+    if args.configs:
+        chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in chosen if c not in CONFIGS]
+        if unknown or not chosen:
+            raise ValueError(f"--configs {args.configs!r}: expected a comma list of {CONFIGS}")
+        return chosen
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    modes = ("eager", "compiled") if compile_on else ("eager",)
+    return [m + c for m in modes for c in (("", "+ckpt") if args.checkpointing else ("",))]
+
+
+def run_benchmark(args: argparse.Namespace,
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Build the model, count FLOPs once (eager, no checkpointing), measure each configuration.
+
+    ``on_row(report)`` is called after each row (the JSON is rewritten then, so a run cut
+    short by a time limit keeps the rows it finished).
+    """
     stages, device, report = build(args)
+    configs = chosen_configs(args, device)
     # Model FLOPs (no recomputation); CPU's fused attention kernel has no FLOP formula.
     flops = {"forward": count_flops(stages.forward) / stages.batch,
              "update": count_flops(lambda: stages.update(optimize=False)) / stages.batch}
     report["flops_per_sample"] = flops
-    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    if args.sync_check:
+        report["host_syncs_per_trainer_iteration"] = count_host_syncs(stages)
     inner = stages.model.transformer
-    rows = []
-    for mode in ("eager", "compiled") if compile_on else ("eager",):
-        stages.model.transformer = torch.compile(inner) if mode == "compiled" else inner
-        for checkpointing in (False, True) if args.checkpointing else (False,):
-            toggle = "enable" if checkpointing else "disable"
-            getattr(unwrap(inner), f"{toggle}_gradient_checkpointing")()
-            rows.append(measure(stages, mode, checkpointing, args.repeats, flops))
-    report["rows"] = rows
+    compiled = None
+    report["rows"] = []
+    for config in configs:
+        mode, _, ckpt = config.partition("+")
+        if mode == "compiled" and compiled is None:
+            compiled = torch.compile(inner)
+        stages.model.transformer = compiled if mode == "compiled" else inner
+        getattr(unwrap(inner), f"{'enable' if ckpt else 'disable'}_gradient_checkpointing")()
+        report["rows"].append(measure(stages, mode, bool(ckpt), args.repeats, flops))
+        if on_row is not None:
+            on_row(report)
     return report
 
 
 _COLUMNS = (("fwd", "forward_ms"), ("rollout", "rollout_ms"), ("update", "update_ms"),
             ("iter", "iteration_ms"), ("floor", "floor_ms"), ("/floor", "ratio_to_floor"),
-            ("/issue", "ratio_to_issue_floor"), ("GiB upd", "peak_gib_update"),
+            ("/issue", "ratio_to_issue_floor"), ("trainer", "trainer_ms"),
+            ("tr/floor", "ratio_trainer_to_floor"), ("tr/issue", "ratio_trainer_to_issue_floor"),
+            ("GiB upd", "peak_gib_update"),
             ("GiB iter", "peak_gib_iteration"), ("TF/s fwd", "tflops_forward"),
             ("TF/s upd", "tflops_update"), ("1st s", "first_call_s"))
 
@@ -321,6 +394,10 @@ def format_table(report: dict[str, Any]) -> str:
         cells = ["n/a" if row[key] is None else f"{row[key]:.4g}" for _, key in _COLUMNS]
         config = row["mode"] + ("+ckpt" if row["checkpointing"] else "")
         lines.append(f"{config:<14}" + "".join(f"{c:>10}" for c in cells))
+    syncs = report.get("host_syncs_per_trainer_iteration")
+    if syncs is not None:
+        lines.append(f"host syncs in one trainer iteration: {syncs['count']}")
+        lines.extend(f"  {n:>4} at {site}" for site, n in sorted(syncs["sites"].items()))
     return "\n".join(lines)
 
 
@@ -335,6 +412,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also measure torch.compile (default: on for CUDA, off for CPU)")
     p.add_argument("--checkpointing", action="store_true",
                    help="also measure with gradient checkpointing")
+    p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (overrides "
+                   "--compile/--checkpointing), measured in that order")
+    p.add_argument("--sync-check", action="store_true",
+                   help="count host-device syncs in one trainer iteration (CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--num-steps", type=int, default=10, help="K: sampling steps per rollout")
     p.add_argument("--replays", type=int, default=3, help="R: no-grad replay forwards")
@@ -351,17 +432,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads:  # 1 thread keeps the tiny model's timings stable on a shared CPU
             torch.set_num_threads(args.threads)
-        report = run_benchmark(args)
+        report = run_benchmark(args, on_row=lambda r: _progress(r, args.json))
     except ValueError as err:
         print(f"throughput: error: {err}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
     print(format_table(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
     return 0
+
+
+def _progress(report: dict[str, Any], path: str | None) -> None:
+    """After each row: its line on stderr, and the JSON so far (written atomically)."""
+    row = report["rows"][-1]
+    print(f"[{row['mode']}{'+ckpt' if row['checkpointing'] else ''}] iter "
+          f"{row['iteration_ms']:.4g} trainer {row['trainer_ms']:.4g} ms/sample", file=sys.stderr,
+          flush=True)
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

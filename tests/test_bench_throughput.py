@@ -83,6 +83,12 @@ def test_report_fields_positive_and_consistent(report):
         assert row["ratio_to_issue_floor"] == pytest.approx(row["iteration_ms"] / issue)
         work = forwards * flops["forward"] + updates * flops["update"]
         assert row["tflops_iteration"] == pytest.approx(work / row["iteration_ms"] * 1e-9)
+        # The trainer's iteration has no replays: its floor drops the R forwards, and it is
+        # compared with the issue's floor of the full recipe (replays included).
+        trainer_floor = r["num_steps"] * row["forward_ms"] + updates * row["update_ms"]
+        assert row["trainer_floor_ms"] == pytest.approx(trainer_floor, rel=1e-12)
+        assert row["ratio_trainer_to_floor"] == pytest.approx(row["trainer_ms"] / trainer_floor)
+        assert row["ratio_trainer_to_issue_floor"] == pytest.approx(row["trainer_ms"] / issue)
 
 
 def test_update_replays_the_rollout_exactly(bench):
@@ -94,8 +100,19 @@ def test_update_replays_the_rollout_exactly(bench):
     assert batch.mean.requires_grad
 
 
+def test_config_selection(bench):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    choose = lambda argv, device: bench.chosen_configs(bench.parse_args(argv), device)  # noqa: E731
+    assert choose([], cpu) == ["eager"]
+    assert choose([], cuda) == ["eager", "compiled"]
+    assert choose(["--checkpointing", "--no-compile"], cuda) == ["eager", "eager+ckpt"]
+    assert choose(["--configs", "compiled, eager+ckpt"], cpu) == ["compiled", "eager+ckpt"]
+
+
 @pytest.mark.parametrize("argv, word", [(["--resolution", "60"], "--resolution"),
-                                        (["--trained-steps", "6"], "--trained-steps")])
+                                        (["--trained-steps", "6"], "--trained-steps"),
+                                        (["--configs", "eager,fast"], "--configs"),
+                                        (["--sync-check"], "--sync-check")])
 def test_bad_arguments_exit_with_a_message(bench, capsys, argv, word):
     assert bench.main(["--model", "tiny", "--device", "cpu", *argv]) == 2
     assert word in capsys.readouterr().err
