@@ -191,6 +191,7 @@ class Stages:
         self.advantages = torch.randn(batch, generator=torch.Generator().manual_seed(1))
         self.advantages = self.advantages.to(model.device)
         self.stored = self.rollout()
+        self.replay_old_means = False
 
     def forward(self) -> None:
         x = torch.randn(self.batch, *self.model.latent_shape, device=self.model.device)
@@ -233,8 +234,20 @@ class Stages:
                 self.update(rollout, step)
 
     def trainer(self) -> None:
-        """What ``flowdppo train`` runs: no replays, since the rollout records the old means."""
-        self.iteration(replays=0)
+        """What ``flowdppo train`` runs: the rollout records the old means, so there are no
+        no-grad replays; with ``train.old_means: replay`` (the default on CUDA and with
+        torch.compile) each trained step is replayed once in grad mode, as the update's
+        forward, to refresh them (see ``Trainer._replay_old_means``)."""
+        r = self.recipe
+        rollout = self.rollout()
+        if self.replay_old_means:
+            for step in range(r.trained_steps):
+                with torch.enable_grad():
+                    mean = self._batch(rollout, self._entries(step)).mean.detach()
+                rollout.mean_old[:, step] = mean
+        for _ in range(r.num_updates):
+            for step in torch.randperm(r.trained_steps).tolist():
+                self.update(rollout, step)
 
 
 def measure(stages: Stages, mode: str, checkpointing: bool, repeats: int,
@@ -242,25 +255,30 @@ def measure(stages: Stages, mode: str, checkpointing: bool, repeats: int,
     """One table row; times and FLOPs per sample, memory the peak of the whole batch."""
     device, recipe = stages.model.device, stages.recipe
     names = ["forward", "rollout", "update", "iteration"]
-    if recipe.num_replays:  # with R = 0 the trainer's iteration is the recipe's
+    # The trainer replays S steps (old means) or none; when that equals R, it is the recipe.
+    trainer_replays = recipe.trained_steps if stages.replay_old_means else 0
+    if recipe.num_replays != trainer_replays:
         names.append("trainer")
     t = {name: timed(getattr(stages, name), repeats, device) for name in names}
     ms = {name: t[name]["ms"] / stages.batch for name in t}
     ms.setdefault("trainer", ms["iteration"])
-    no_replays = replace(recipe, num_replays=0)
+    # Its floor counts a replay as a no-grad forward (a grad-mode forward also stores
+    # activations, so this is a lower bound).
+    trainer_recipe = replace(recipe, num_replays=trainer_replays)
     floor = floor_ms(ms["forward"], ms["update"], recipe)
     issue = ISSUE_H100[mode]["forward_ms"], ISSUE_H100[mode]["update_ms"]
     issue_floor = floor_ms(*issue, recipe)
     # The floor's formula also counts an iteration's FLOPs from the primitives' FLOPs.
     work = {**flops, "iteration": floor_ms(flops["forward"], flops["update"], recipe),
-            "trainer": floor_ms(flops["forward"], flops["update"], no_replays)}
+            "trainer": floor_ms(flops["forward"], flops["update"], trainer_recipe)}
     row: dict[str, Any] = {"mode": mode, "checkpointing": checkpointing,
+                           "trainer_replays_old_means": stages.replay_old_means,
                            "first_call_s": sum(x["first_call_s"] for x in t.values())}
     row.update({f"{name}_ms": value for name, value in ms.items()})
     row.update(floor_ms=floor, ratio_to_floor=ms["iteration"] / floor, issue_floor_ms=issue_floor,
                ratio_to_issue_floor=ms["iteration"] / issue_floor)
-    # The trainer against its own floor (no replays) and against the issue's recipe floor.
-    trainer_floor = floor_ms(ms["forward"], ms["update"], no_replays)
+    # The trainer against its own floor and against the issue's recipe floor.
+    trainer_floor = floor_ms(ms["forward"], ms["update"], trainer_recipe)
     row.update(trainer_floor_ms=trainer_floor, ratio_trainer_to_floor=ms["trainer"] / trainer_floor,
                ratio_trainer_to_issue_floor=ms["trainer"] / issue_floor)
     row.update({f"peak_gib_{name}": t[name]["peak_gib"] for name in t if name != "rollout"})
@@ -368,6 +386,9 @@ def run_benchmark(args: argparse.Namespace,
         if mode == "compiled" and compiled is None:
             compiled = torch.compile(inner)
         stages.model.transformer = compiled if mode == "compiled" else inner
+        # The trainer's `train.old_means: auto`: replay on CUDA or when compiled.
+        stages.replay_old_means = (args.old_means == "replay" or (
+            args.old_means == "auto" and (device.type == "cuda" or mode == "compiled")))
         getattr(unwrap(inner), f"{'enable' if ckpt else 'disable'}_gradient_checkpointing")()
         report["rows"].append(measure(stages, mode, bool(ckpt), args.repeats, flops))
         if on_row is not None:
@@ -414,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also measure with gradient checkpointing")
     p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (overrides "
                    "--compile/--checkpointing), measured in that order")
+    p.add_argument("--old-means", choices=("auto", "rollout", "replay"), default="auto",
+                   help="the trainer stage's train.old_means (auto: replay on CUDA or compiled)")
     p.add_argument("--sync-check", action="store_true",
                    help="count host-device syncs in one trainer iteration (CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")

@@ -83,12 +83,33 @@ def test_report_fields_positive_and_consistent(report):
         assert row["ratio_to_issue_floor"] == pytest.approx(row["iteration_ms"] / issue)
         work = forwards * flops["forward"] + updates * flops["update"]
         assert row["tflops_iteration"] == pytest.approx(work / row["iteration_ms"] * 1e-9)
-        # The trainer's iteration has no replays: its floor drops the R forwards, and it is
-        # compared with the issue's floor of the full recipe (replays included).
-        trainer_floor = r["num_steps"] * row["forward_ms"] + updates * row["update_ms"]
+        # The trainer's iteration replays no steps (eager CPU: old means as recorded) or S
+        # steps: its floor counts those instead of R, and it is compared with the issue's
+        # floor of the full recipe (R replays included).
+        replays = r["trained_steps"] if row["trainer_replays_old_means"] else 0
+        trainer_floor = (r["num_steps"] + replays) * row["forward_ms"] + updates * row["update_ms"]
         assert row["trainer_floor_ms"] == pytest.approx(trainer_floor, rel=1e-12)
         assert row["ratio_trainer_to_floor"] == pytest.approx(row["trainer_ms"] / trainer_floor)
         assert row["ratio_trainer_to_issue_floor"] == pytest.approx(row["trainer_ms"] / issue)
+
+
+def test_trainer_stage_replays_old_means_like_the_trainer(bench):
+    """With replay on, the trainer stage refreshes the stored old means from the update's own
+    forward; on CPU in fp32 that forward equals the rollout's, so they come back unchanged."""
+    args = bench.parse_args(["--model", "tiny", "--device", "cpu", "--batch", "2"])
+    stages, _, _ = bench.build(args)
+    recorded = stages.rollout()
+    refreshed = []
+    stages.rollout = lambda: recorded
+    original = stages._batch
+    stages._batch = lambda rollout, entries: refreshed.append(entries) or original(rollout, entries)
+    stages.replay_old_means = True
+    before = recorded.mean_old.clone()
+    stages.trainer()
+    r = stages.recipe
+    # S replays, then U x S update batches.
+    assert len(refreshed) == r.trained_steps * (1 + r.num_updates)
+    torch.testing.assert_close(recorded.mean_old, before, rtol=0, atol=0)
 
 
 def test_update_replays_the_rollout_exactly(bench):

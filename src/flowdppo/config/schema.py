@@ -93,6 +93,11 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of trainable weights used for evaluation (0 = off)
     old_policy_ema: float = 0.5  # forward-process methods: sampling policy = EMA of theta
     diagnostic_clip_range: float = 1e-4  # ratio clip compared with the exact KL (diag_*); 0 = off
+    # Likelihood methods' old means: recorded by the rollout's forward, or recomputed by the
+    # update's own forward before the first pass (bf16 / torch.compile make the two forwards
+    # differ, so r != 1 at the first step); auto = replay on CUDA, with mixed precision or
+    # with torch.compile, else rollout (on CPU in fp32 the two are bit-identical).
+    old_means: Literal["auto", "rollout", "replay"] = "auto"
 
 
 @dataclass
