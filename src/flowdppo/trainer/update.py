@@ -62,9 +62,12 @@ def combine_metrics(parts: list[tuple[int, dict[str, Tensor]]]) -> dict[str, Ten
         elif key.endswith("_max"):
             out[key] = values.max()
         else:  # NaN (e.g. a correlation over entries that have not moved) counts as missing
-            weights = torch.tensor([n / total for n, _ in parts], device=values.device)
-            weights = weights * torch.isfinite(values)
-            out[key] = (torch.nan_to_num(values) * weights).sum() / weights.sum()
+            # Python-float weights: a weight tensor built on the host would be a copy that
+            # stalls the host once per key and optimizer step.
+            finite = torch.isfinite(values).float()
+            shares = [n / total for n, _ in parts]
+            weighted = sum(w * v for w, v in zip(shares, torch.nan_to_num(values) * finite))
+            out[key] = weighted / sum(w * f for w, f in zip(shares, finite))
     return out
 
 
