@@ -62,8 +62,7 @@ class Crashing:
         raise RuntimeError("reward model out of memory")
 
 
-def remote_config(base: Path, url: str, **client):
-    """toy_dppo shrunk to seconds, with the remote reward as its only reward."""
+def remote_overrides(base: Path, url: str, **client) -> list[str]:
     item = {"name": "remote", "kwargs": {"url": url, **client}}
     overrides = [f"model.pretrained={base}", "train.num_iterations=2", "sampling.num_steps=4",
                  "sampling.sde_window=2", "sampling.sde_window_range=[0.0, 0.75]",
@@ -72,7 +71,12 @@ def remote_config(base: Path, url: str, **client):
                  "eval.at_start=false", "eval.monitors=[]", "checkpoint.every=2",
                  "logging.progress_bar=false", "logging.tensorboard=false", "optim.lr=0.05",
                  "device=cpu", f"rewards.items={json.dumps([item])}"]
-    return resolve(load_config(str(RECIPES / "toy_dppo.yaml"), overrides))
+    return overrides
+
+
+def remote_config(base: Path, url: str, **client):
+    """toy_dppo shrunk to seconds, with the remote reward as its only reward."""
+    return resolve(load_config(str(RECIPES / "toy_dppo.yaml"), remote_overrides(base, url, **client)))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -130,6 +134,21 @@ def test_a_server_error_fails_training_after_the_retries(tiny_base, tmp_path):
     assert f"{url}/score" in message and "after 3 attempts" in message
     assert "HTTP 500" in message and "out of memory" in message
     assert elapsed < 10.0
+
+
+def test_the_cli_reports_a_failing_server_in_one_line(tiny_base, tmp_path, capsys):
+    from flowdppo.cli import main
+
+    server, url = start_reward_server({"brightness": Crashing()})
+    try:
+        code = main(["train", "--config", "toy_dppo", "--output-dir", str(tmp_path / "run"),
+                     *remote_overrides(tiny_base, url, timeout_s=5.0, max_retries=0)])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "flowdppo train: error: remote reward" in err and "--resume" in err
+    assert "Traceback" not in err
 
 
 def test_a_hanging_server_fails_training_after_the_timeouts(tiny_base, tmp_path):

@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from .errors import RemoteRewardError
+
 # Modules providing ``add_cli(subparsers)``; a missing optional one is skipped.
 _COMMAND_MODULES = (
     "flowdppo.trainer.commands",
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         # Configuration and input errors: one clear line, no traceback.
         print(f"flowdppo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RemoteRewardError as err:
+        # A failing reward server: one line too; checkpoints already written are intact.
+        print(f"flowdppo {args.command}: error: {err}. Checkpoints written before the failure "
+              "are kept; continue with `flowdppo train --resume <output-dir>`.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import RemoteRewardError
 from .base import Reward, RewardOutput, register_reward
 from .preprocess import check_batch
 
 logger = logging.getLogger(__name__)
+
 
 WIRE_DTYPES = ("float16", "float32", "uint8")
 
@@ -135,7 +137,7 @@ class RemoteReward:
         answer, attempts = self._post("/score", json.dumps(body, default=_json_default).encode())
         name, values = self._select(answer)
         if len(values) != images.shape[0]:
-            raise RuntimeError(
+            raise RemoteRewardError(
                 f"remote {self.url}: {len(values)} rewards for {images.shape[0]} images"
             )
         info = {
@@ -152,7 +154,7 @@ class RemoteReward:
     def _select(self, answer: dict[str, Any]) -> tuple[str, list[float]]:
         rewards = answer.get("rewards")
         if not isinstance(rewards, dict) or not rewards:
-            raise RuntimeError(
+            raise RemoteRewardError(
                 f"remote {self.url}: answer has no 'rewards' mapping: {str(answer)[:200]}"
             )
         name = self.reward_name
@@ -163,7 +165,7 @@ class RemoteReward:
                 )
             name = next(iter(rewards))
         if name not in rewards:
-            raise RuntimeError(
+            raise RemoteRewardError(
                 f"remote {self.url}: no reward {name!r} in the answer ({sorted(rewards)})"
             )
         return name, rewards[name]
@@ -186,7 +188,7 @@ class RemoteReward:
             except urllib.error.HTTPError as err:
                 last_error = f"HTTP {err.code}: {_error_message(err)}"
                 if err.code < 500:  # the request itself is wrong: retrying cannot help
-                    raise RuntimeError(
+                    raise RemoteRewardError(
                         f"remote reward {url} rejected the request (not retried): {last_error}"
                     ) from None
             except (
@@ -204,7 +206,7 @@ class RemoteReward:
                 self.max_retries + 1,
                 last_error,
             )
-        raise RuntimeError(
+        raise RemoteRewardError(
             f"remote reward {url} failed after {self.max_retries + 1} attempts; "
             f"last error: {last_error}"
         )
