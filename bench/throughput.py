@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -251,7 +252,7 @@ class Stages:
 
 
 def measure(stages: Stages, mode: str, checkpointing: bool, repeats: int,
-            flops: dict[str, float]) -> dict[str, Any]:
+            flops: dict[str, float] | None) -> dict[str, Any]:
     """One table row; times and FLOPs per sample, memory the peak of the whole batch."""
     device, recipe = stages.model.device, stages.recipe
     names = ["forward", "rollout", "update", "iteration"]
@@ -269,8 +270,9 @@ def measure(stages: Stages, mode: str, checkpointing: bool, repeats: int,
     issue = ISSUE_H100[mode]["forward_ms"], ISSUE_H100[mode]["update_ms"]
     issue_floor = floor_ms(*issue, recipe)
     # The floor's formula also counts an iteration's FLOPs from the primitives' FLOPs.
-    work = {**flops, "iteration": floor_ms(flops["forward"], flops["update"], recipe),
-            "trainer": floor_ms(flops["forward"], flops["update"], trainer_recipe)}
+    f = flops or {"forward": math.nan, "update": math.nan}  # --no-flops: TF/s are NaN
+    work = {**f, "iteration": floor_ms(f["forward"], f["update"], recipe),
+            "trainer": floor_ms(f["forward"], f["update"], trainer_recipe)}
     row: dict[str, Any] = {"mode": mode, "checkpointing": checkpointing,
                            "trainer_replays_old_means": stages.replay_old_means,
                            "first_call_s": sum(x["first_call_s"] for x in t.values())}
@@ -373,8 +375,10 @@ def run_benchmark(args: argparse.Namespace,
     stages, device, report = build(args)
     configs = chosen_configs(args, device)
     # Model FLOPs (no recomputation); CPU's fused attention kernel has no FLOP formula.
-    flops = {"forward": count_flops(stages.forward) / stages.batch,
-             "update": count_flops(lambda: stages.update(optimize=False)) / stages.batch}
+    flops = None
+    if args.flops:
+        flops = {"forward": count_flops(stages.forward) / stages.batch,
+                 "update": count_flops(lambda: stages.update(optimize=False)) / stages.batch}
     report["flops_per_sample"] = flops
     if args.sync_check:
         report["host_syncs_per_trainer_iteration"] = count_host_syncs(stages)
@@ -422,6 +426,20 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context pinning ``scaled_dot_product_attention`` to one backend (``auto``: none)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(PRESETS), help="default: sd35m on CUDA, tiny on CPU")
@@ -437,6 +455,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--compile/--checkpointing), measured in that order")
     p.add_argument("--old-means", choices=("auto", "rollout", "replay"), default="auto",
                    help="the trainer stage's train.old_means (auto: replay on CUDA or compiled)")
+    p.add_argument("--attention", choices=sorted(_ATTENTION), default="auto",
+                   help="pin PyTorch's SDPA backend (auto: PyTorch's choice)")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                   help="count model FLOPs once with FlopCounterMode (--no-flops skips it)")
     p.add_argument("--sync-check", action="store_true",
                    help="count host-device syncs in one trainer iteration (CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
@@ -455,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads:  # 1 thread keeps the tiny model's timings stable on a shared CPU
             torch.set_num_threads(args.threads)
-        report = run_benchmark(args, on_row=lambda r: _progress(r, args.json))
+        with attention_backend(args.attention):
+            report = run_benchmark(args, on_row=lambda r: _progress(r, args.json))
     except ValueError as err:
         print(f"throughput: error: {err}", file=sys.stderr)
         return 2

@@ -121,6 +121,18 @@ def test_update_replays_the_rollout_exactly(bench):
     assert batch.mean.requires_grad
 
 
+def test_no_flops_and_a_pinned_attention_backend(bench, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--repeats", "1", "--num-steps", "2",
+            "--replays", "0", "--trained-steps", "1", "--no-flops", "--attention", "math",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert report["flops_per_sample"] is None and math.isnan(row["tflops_update"])
+    assert row["update_ms"] > 0
+
+
 def test_config_selection(bench):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     choose = lambda argv, device: bench.chosen_configs(bench.parse_args(argv), device)  # noqa: E731
