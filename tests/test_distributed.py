@@ -1,29 +1,51 @@
 """Two processes over gloo (torchrun, CPU) train exactly like one process with the same
 global batch: rewards and group statistics are gathered, rollout noise is keyed per global
-sample, DDP averages gradients and metrics are reduced across processes."""
+sample, DDP averages gradients and metrics are reduced across processes. Processes that drop
+different numbers of images (non-finite rewards) still run the same collectives."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
 
 from conftest import tiny_overrides
+
+LAUNCH = str(Path(__file__).with_name("launch_flowdppo.py"))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run(prefix: list[str], out: Path, overrides: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*prefix, "-m", "flowdppo.cli", "train", "--config", "toy_dppo",
-                             "--output-dir", str(out), *overrides],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _run(prefix: list[str], out: Path, overrides: list[str], timeout: float = 600,
+         **env: str) -> None:
+    """``flowdppo train`` through tests/launch_flowdppo.py (test hooks set by ``env``); a
+    hang fails the test after ``timeout`` seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.Popen([*prefix, LAUNCH, "train", "--config", "toy_dppo",
+                             "--output-dir", str(out), *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill them one by one, or they
+        # keep the output pipes (and this test) open.
+        for child in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                child.kill()
+        proc.communicate()
+        raise AssertionError(f"no exit within {timeout} s (processes out of step?)") from None
+    assert proc.returncode == 0, stderr[-3000:]
 
 
 def _close(a, b) -> bool:
@@ -37,12 +59,106 @@ def test_two_gloo_processes_equal_one_process(tiny_base, tmp_path):
     overrides = [*tiny_overrides(tiny_base, iterations=2), "sampling.group_size=4",
                  "sampling.num_groups=3", "train.minibatches_per_pass=1", "checkpoint.every=2"]
     _run([sys.executable], tmp_path / "one", overrides)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run(torchrun, tmp_path / "two", overrides)
+    _run(TORCHRUN, tmp_path / "two", overrides)
+    _assert_same_rows(tmp_path / "one", tmp_path / "two", evals=3)
+
+
+def _assert_same_rows(one_dir: Path, two_dir: Path, evals: int, metric_keys=None) -> None:
+    """metrics.jsonl (``metric_keys`` only, if given) and eval.jsonl agree row by row."""
     for name in ("metrics.jsonl", "eval.jsonl"):
-        one, two = _rows(tmp_path / "one" / name), _rows(tmp_path / "two" / name)
-        assert len(one) == len(two) == (2 if name == "metrics.jsonl" else 3)
+        one, two = _rows(one_dir / name), _rows(two_dir / name)
+        assert len(one) == len(two) == (2 if name == "metrics.jsonl" else evals)
         for row_one, row_two in zip(one, two):
             keys = [k for k in row_one if not k.startswith("time_")]
+            if name == "metrics.jsonl" and metric_keys is not None:
+                keys = [k for k in keys if k in metric_keys or k.startswith("reward_")]
             bad = {k: (row_one[k], row_two.get(k)) for k in keys if not _close(row_one[k], row_two.get(k))}
             assert not bad, f"{name} step {row_one['step']}: {bad}"
+
+
+def _group_prompts(overrides: list[str], iterations: int) -> list[list[str]]:
+    """The prompt of every group of each iteration, from the trainer's own plan."""
+    from flowdppo.config import load_config, resolve
+    from flowdppo.trainer import setup
+    from flowdppo.trainer.commands import RECIPES
+    from flowdppo.trainer.loop import Trainer
+
+    cfg = load_config(str(RECIPES / "toy_dppo.yaml"),
+                      [o for o in overrides if not o.startswith("rewards.")])  # test rewards
+    stub = SimpleNamespace(cfg=cfg, prompts=setup.load_prompts(cfg), resolved=resolve(cfg))
+    size = cfg.sampling.group_size
+    return [Trainer.plan(stub, it).prompts[::size] for it in range(iterations)]
+
+
+def _nan_setup(overrides: list[str], nan_groups: list[list[int]]) -> tuple[list[str], dict]:
+    """A seed whose prompts of ``nan_groups[it]`` (the groups made NaN in iteration ``it``)
+    occur in no other group of those iterations, the overrides with it and the hook's env."""
+    for seed in range(100):
+        seeded = [*overrides, f"seed={seed}"]
+        plans = _group_prompts(seeded, len(nan_groups))
+        nan = {plan[g] for plan, groups in zip(plans, nan_groups) for g in groups}
+        kept = {p for plan, groups in zip(plans, nan_groups)
+                for g, p in enumerate(plan) if g not in groups}
+        if not nan & kept:
+            return seeded, {"FLOWDPPO_TEST_NAN_PROMPTS": json.dumps(sorted(nan))}
+    raise AssertionError("no seed below 100 separates the prompts")
+
+
+def test_uneven_nonfinite_drops_keep_processes_in_step(tiny_base, tmp_path):
+    """Rank 1 drops 4 of its 6 images in iteration 1 and all 6 in iteration 2, so it has
+    fewer micro-batches than rank 0 (padded with zero-weighted ones) or none (an update of
+    padding only). The run finishes (a desync hangs until the timeout), and since each step's
+    gradient is that of the mean over all kept entries, parameters, gradient norms and
+    evaluations equal those of one process."""
+    overrides = [*tiny_overrides(tiny_base, iterations=2), "sampling.group_size=4",
+                 "sampling.num_groups=3", "train.minibatches_per_pass=1",
+                 "train.micro_batch_size=4", "checkpoint.every=2", "eval.at_start=false",
+                 "rewards.items=[{name: test_nan_prompts}]", "rewards.nonfinite=drop"]
+    # Rank 0 holds group 0 and half of group 1, rank 1 the other half and group 2.
+    overrides, env = _nan_setup(overrides, [[2], [1, 2]])
+    _run([sys.executable], tmp_path / "one", overrides, **env)
+    _run(TORCHRUN, tmp_path / "two", overrides, timeout=180, **env)
+    rows = _rows(tmp_path / "two" / "metrics.jsonl")
+    assert [r["reward_num_nonfinite"] for r in rows] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    # Update metrics such as the loss are per-process means averaged over processes (they
+    # differ from one process when the processes kept different numbers of entries).
+    _assert_same_rows(tmp_path / "one", tmp_path / "two", evals=2,
+                      metric_keys={"step", "grad_norm", "lr", "images_generated"})
+
+
+@pytest.mark.slow
+def test_a_process_with_fewer_samples_than_minibatches_keeps_in_step(tiny_base, tmp_path):
+    """Three minibatches per pass; rank 1 keeps 2 of its 6 images in iteration 1 (one of its
+    minibatches is empty) and none in iteration 2, rank 0 keeps all of its own."""
+    overrides = [*tiny_overrides(tiny_base, iterations=2), "sampling.group_size=2",
+                 "sampling.num_groups=6", "train.minibatches_per_pass=3",
+                 "train.micro_batch_size=2", "checkpoint.every=2", "eval.at_start=false",
+                 "rewards.items=[{name: test_nan_prompts}]", "rewards.nonfinite=drop"]
+    overrides, env = _nan_setup(overrides, [[3, 4], [3, 4, 5]])  # ranks: groups 0-2 | 3-5
+    _run(TORCHRUN, tmp_path / "two", overrides, timeout=180, **env)
+    rows = _rows(tmp_path / "two" / "metrics.jsonl")
+    assert [r["reward_num_nonfinite"] for r in rows] == [4, 6]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_minibatch_plan_gives_every_process_the_same_schedule():
+    import torch
+
+    from flowdppo.trainer.distributed import missing_metrics, plan_minibatches, split_sizes
+
+    for n in range(9):
+        for parts in range(1, 5):
+            assert split_sizes(n, parts) == [len(c) for c in torch.arange(n).tensor_split(parts)]
+    # 6 and 2 kept samples, 2 steps each, micro-batches of 4 entries: 3 vs 1 micro-batches.
+    (shape,) = plan_minibatches([6, 2], 1, num_steps=2, micro_batch_size=4)
+    assert (shape.num_micro_batches, shape.global_entries) == (3, 16)
+    # One kept sample each, three minibatches: the last two are empty everywhere (skipped).
+    shapes = plan_minibatches([1, 1], 3, num_steps=2, micro_batch_size=4)
+    assert [s.num_micro_batches for s in shapes] == [1, 0, 0]
+    # A process with nothing still runs the other's micro-batches (padding).
+    assert [s.num_micro_batches for s in plan_minibatches([0, 5], 2, 1, 2)] == [2, 1]
+    blank = missing_metrics({"loss": torch.tensor(1.0), "ratio_min": torch.tensor(0.5),
+                             "ratio_max": torch.tensor(2.0)})
+    assert blank["loss"].isnan() and blank["ratio_min"] == float("inf")
+    assert blank["ratio_max"] == float("-inf")

@@ -22,7 +22,7 @@ from ..advantages import compute_advantages
 from ..algorithms.diagnostics import ratio_vs_divergence
 from ..config import ResolvedRun, to_dict
 from ..dynamics import get_dynamics
-from . import setup
+from . import distributed, setup
 from .checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -42,7 +42,14 @@ from .policy import (
     unwrap,
 )
 from .rollout import NoiseSource, Rollout, choose_window, sample_rollout
-from .update import accumulate_gradients, entries_for, forward_batch, likelihood_batch
+from .update import (
+    Entries,
+    accumulate_gradients,
+    combine_metrics,
+    entries_for,
+    forward_batch,
+    likelihood_batch,
+)
 
 logger = logging.getLogger(__name__)
 # Tests set this to simulate a kill (exit 137, no cleanup) after that iteration.
@@ -163,27 +170,33 @@ class Trainer:
         return rewards, advantages[self.local_slice()], dropped
 
     def update(self, it: int, rollout: Rollout, cond, advantages: Tensor, plan: Plan) -> dict:
-        """``num_updates`` passes over the rollout, ``minibatches_per_pass`` steps each."""
-        cfg, spec, device = self.cfg, self.resolved.algorithm, self.accelerator.device
+        """``num_updates`` passes over the rollout, ``minibatches_per_pass`` steps each.
+
+        Processes may keep different numbers of samples (non-finite rewards dropped), yet all
+        run the same optimizer steps and micro-batches (see :mod:`.distributed`). Each step's
+        gradient is that of the mean loss over the minibatch's entries on all processes: a
+        micro-batch's mean loss is weighted by its entries x world / global entries (the
+        processes' gradients are averaged), and padding micro-batches weigh 0.
+        """
+        cfg, device = self.cfg, self.accelerator.device
         valid = torch.isfinite(advantages).nonzero().squeeze(1)
-        if len(valid) == 0:
+        counts = distributed.valid_per_process(self.accelerator, len(valid))
+        if sum(counts) == 0:  # decided on every process alike: none steps
             logger.warning("iteration %d: every image was dropped (non-finite rewards); no update", it)
             return {}
         advantages = torch.nan_to_num(advantages, nan=0.0).to(device)
         forward_inputs = self._forward_inputs(it, rollout, plan) if self.forward_kind else None
         generator = torch.Generator().manual_seed(cfg.seed * 104_729 + it)
-        num_steps = len(plan.steps)
+        num_steps, size = len(plan.steps), cfg.train.micro_batch_size
+        shapes = distributed.plan_minibatches(counts, cfg.train.minibatches_per_pass, num_steps, size)
         metrics_all = []
         for _ in range(cfg.train.num_updates):
             order = valid[torch.randperm(len(valid), generator=generator)]
-            for minibatch in order.chunk(cfg.train.minibatches_per_pass):
-                entries = entries_for(minibatch, num_steps)
-                metrics = accumulate_gradients(
-                    spec, self.resolved.hparams,
-                    lambda e: self._make_batch(e, rollout, cond, advantages, forward_inputs),
-                    entries, cfg.train.micro_batch_size,
-                    lambda: self.accelerator.no_sync(self.model.transformer),
-                    self.accelerator.backward, self._diagnose)
+            for shape, minibatch in zip(shapes, order.tensor_split(len(shapes))):
+                if shape.num_micro_batches == 0:
+                    continue  # empty on every process
+                chunks = [c for c in entries_for(minibatch, num_steps).split(size) if len(c)]
+                metrics = self._accumulate(chunks, shape, rollout, cond, advantages, forward_inputs)
                 metrics.update(self._optimizer_step())
                 metrics_all.append(metrics)
         if self.old_policy is not None:
@@ -191,6 +204,33 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_ema(cfg.train.ema_decay)
         return self._reduce_metrics(metrics_all)
+
+    def _accumulate(self, chunks: list, shape: distributed.MinibatchShape, rollout, cond,
+                    advantages: Tensor, forward_inputs) -> dict[str, Tensor]:
+        """One minibatch's gradients: this process's micro-batches, then zero-weighted padding
+        up to ``shape.num_micro_batches`` (a forward and backward through the wrapper, so the
+        collectives match); only the last one syncs."""
+        padding = Entries(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        scale = self.world / shape.global_entries
+        parts, blank = [], None
+        for i in range(shape.num_micro_batches):
+            real = i < len(chunks)
+            chunk = chunks[i] if real else padding
+            weight = len(chunk) * scale if real else 0.0
+            last = i == shape.num_micro_batches - 1
+            sync = contextlib.nullcontext() if last else distributed.no_sync(
+                self.accelerator, self.model.transformer)
+            with sync:
+                metrics = accumulate_gradients(
+                    self.resolved.algorithm, self.resolved.hparams,
+                    lambda e: self._make_batch(e, rollout, cond, advantages, forward_inputs),
+                    chunk, len(chunk), contextlib.nullcontext,
+                    lambda loss, w=weight: self.accelerator.backward(loss * w), self._diagnose)
+            if real:
+                parts.append((len(chunk), metrics))
+            else:
+                blank = metrics
+        return combine_metrics(parts) if parts else distributed.missing_metrics(blank)
 
     def _reduce_metrics(self, per_step: list[dict[str, Tensor]]) -> dict[str, float]:
         """The iteration's metrics: per optimizer step, every process's values combined
@@ -238,13 +278,8 @@ class Trainer:
                                  self.old_policy.swapped_in, gs)
 
     def _optimizer_step(self) -> dict[str, Tensor]:
-        clip = self.cfg.optim.grad_clip
-        params = list(self.params.values())
-        if clip > 0 and self.accelerator.sync_gradients:
-            grad_norm = self.accelerator.clip_grad_norm_(params, clip)
-        else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        grad_norm = distributed.clip_grad_norm(self.accelerator, self.model.transformer,
+                                               list(self.params.values()), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
