@@ -117,3 +117,44 @@ def test_fsdp_plugin_wraps_the_family_blocks(monkeypatch, name, right, wrong):
     assert sorted(cls.__name__ for cls in wrapped) == sorted(BLOCKS[name])
     with pytest.raises(ValueError, match="Could not find the transformer layer class"):
         FullyShardedDataParallelPlugin().set_auto_wrap_policy(wrong())
+
+
+def _run_config(overrides: list[str]):
+    from flowdppo.config import load_config
+    from flowdppo.trainer.commands import RECIPES
+
+    return load_config(str(RECIPES / "toy_dppo.yaml"), overrides)
+
+
+def test_trainer_fills_the_deepspeed_batch_before_prepare(monkeypatch):
+    """accelerate's prepare() needs train_micro_batch_size_per_gpu when no dataloader is
+    prepared; the trainer fills it (and DeepSpeed's own accumulation and clipping) from the
+    run config on the plugin the launcher's environment builds."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from flowdppo.trainer.setup import configure_deepspeed
+
+    _, env = launch_env("deepspeed_zero2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ds_config = DeepSpeedPlugin().deepspeed_config
+    assert ds_config["train_micro_batch_size_per_gpu"] == "auto"  # what prepare() rejects
+    cfg = _run_config(["train.micro_batch_size=12", "optim.grad_clip=0.5"])
+    configure_deepspeed(ds_config, cfg, num_processes=8)
+    assert ds_config["train_micro_batch_size_per_gpu"] == 12
+    assert ds_config["train_batch_size"] == 12 * 8
+    assert ds_config["gradient_accumulation_steps"] == 1
+    assert ds_config["gradient_clipping"] == 0.5
+    assert ds_config["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps`=4"):
+        configure_deepspeed({**ds_config, "gradient_accumulation_steps": 4}, cfg, 8)
+
+
+def test_fsdp_launch_on_cpu_is_refused_not_run_as_ddp(monkeypatch):
+    """accelerate ignores an FSDP launch on the CPU (it runs DDP): the trainer refuses."""
+    from flowdppo.trainer.setup import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="accelerate runs FSDP only on GPUs"):
+        make_accelerator(_run_config(["device=cpu"]))

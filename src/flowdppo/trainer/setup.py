@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,60 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"`device`={cfg.device!r} but no CUDA device is visible; use device=cpu "
                          "or device=auto")
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cpu and launched and _env_flag("ACCELERATE_USE_FSDP"):
+        # accelerate enables FSDP only on accelerator devices; on the CPU it would run DDP.
+        raise ValueError(f"`device`={cfg.device!r} under an FSDP launch: accelerate runs FSDP "
+                         "only on GPUs (on the CPU it silently falls back to DDP); use GPUs or "
+                         "launch with configs_accelerate/ddp.yaml / plain torchrun")
+    kwargs = {}
+    if cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        if torch.cuda.is_available():
+            raise ValueError("`device`=cpu under a DeepSpeed launch while CUDA is visible: "
+                             "DeepSpeed picks its accelerator itself; use device=auto or hide "
+                             "the GPUs (CUDA_VISIBLE_DEVICES=)")
+        # accelerate ignores DeepSpeed when cpu=True; DeepSpeed's CPU accelerator over gloo
+        # works, but accelerate only counts the processes when it is told the backend.
+        cpu = False
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, **kwargs)
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg,
+                            accelerator.num_processes)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def configure_deepspeed(ds_config: dict, cfg: RunConfig, num_processes: int) -> None:
+    """Fill the DeepSpeed config from the run before ``prepare``.
+
+    The trainer prepares no dataloader, so accelerate cannot infer the micro batch; it is
+    ``train.micro_batch_size``. DeepSpeed's own accumulation stays 1: the trainer accumulates
+    micro-batches itself and marks the last one of each minibatch as the step boundary.
+    Gradient clipping happens inside DeepSpeed's step, so it takes ``optim.grad_clip``.
+    """
+    accumulation = ds_config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        raise ValueError(f"DeepSpeed `gradient_accumulation_steps`={accumulation!r}: the trainer "
+                         "accumulates micro-batches itself (`train.micro_batch_size`, "
+                         "`train.minibatches_per_pass`); set it to 1 in the DeepSpeed config")
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping not in ("auto", cfg.optim.grad_clip):
+        logger.warning("DeepSpeed `gradient_clipping`=%s replaced by the run's `optim.grad_clip`=%s",
+                       clipping, cfg.optim.grad_clip)
+    micro = cfg.train.micro_batch_size
+    ds_config.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                      "train_batch_size": micro * num_processes,
+                      "gradient_clipping": cfg.optim.grad_clip})
 
 
 def resolve_pretrained(pretrained: str) -> str:
