@@ -63,3 +63,53 @@ def test_auto_replays_only_where_the_forwards_can_differ(tiny_base, tmp_path):
 
     # Forward-process methods have no recorded means: the option does nothing there.
     assert not Trainer(resolve(forward), tmp_path / "nft").replay_old_means
+
+
+@pytest.mark.slow
+def test_compiled_bf16_first_step_kl_is_zero_only_with_replay(tmp_path):
+    """The real case, on CPU: torch.compile's no-grad (rollout) and grad-mode (update) graphs
+    of the tiny SD3 transformer round differently under bf16 autocast (seen on an H200 too)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def first_row(old_means: str) -> dict:
+        out = tmp_path / old_means
+        args = [sys.executable, "-m", "flowdppo.cli", "train", "--config", "tiny_sd3",
+                "--output-dir", str(out), "device=cpu", "mixed_precision=bf16",
+                "model.compile=true", "train.num_iterations=1", "eval.at_start=false",
+                f"train.old_means={old_means}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    recorded, replayed = first_row("rollout"), first_row("replay")
+    assert recorded["kl_old_new_mean"] > 0 and recorded["ratio_max"] > recorded["ratio_min"]
+    assert replayed["kl_old_new_mean"] == 0.0 and replayed["ratio_max"] == replayed["ratio_min"] == 1.0
+
+
+def test_reference_means_batched_after_the_rollout_equal_the_inline_ones(tiny_base, tmp_path):
+    """beta > 0: the reference means computed after the rollout, over (sample, step) entries,
+    equal a forward of the reference at each step during sampling."""
+    import dataclasses
+
+    from flowdppo.trainer.rollout import NoiseSource, sample_rollout
+
+    trainer = _trainer(tiny_base, tmp_path, "rollout", "algorithm.hparams.beta=0.01",
+                       "train.micro_batch_size=5")  # chunks that straddle samples
+    assert trainer.needs_reference_means
+    # Move the policy off the reference (the base), so the two means differ.
+    with torch.no_grad():
+        for p in trainer.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    plan = trainer.plan(0)
+    cond = trainer.model.encode_prompts(plan.prompts)
+    noise = NoiseSource(trainer.cfg.seed, 0, len(plan.prompts), 0, len(plan.prompts))
+    inline = sample_rollout(trainer.model, trainer.dynamics, cond, trainer.sigmas, noise,
+                            plan.steps, reference=trainer.reference)
+    batched = trainer._reference_means(dataclasses.replace(inline, mean_ref=None), cond,
+                                       len(plan.steps))
+    torch.testing.assert_close(batched.mean_ref, inline.mean_ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched.mean_ref, batched.mean_old)

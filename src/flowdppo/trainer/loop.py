@@ -6,6 +6,7 @@ One loop for every method; the algorithm registry supplies the loss and its kind
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -89,9 +90,15 @@ class Trainer:
         self.params = trainable_named_parameters(self.model.transformer)
         optimizer, self.scheduler = setup.make_optimizer(list(self.params.values()), resolved)
         transformer, self.optimizer = self.accelerator.prepare(self.model.transformer, optimizer)
-        if cfg.model.compile or (cfg.model.compile is None and device.type == "cuda"):
+        compiled = cfg.model.compile or (cfg.model.compile is None and device.type == "cuda")
+        if compiled:
             transformer = torch.compile(transformer)
+        self.replay_old_means = resolved.algorithm.kind == "likelihood" and (
+            cfg.train.old_means == "replay" or (cfg.train.old_means == "auto" and (
+                compiled or device.type == "cuda" or cfg.mixed_precision != "no")))
         self.model.transformer = transformer
+        beta = getattr(resolved.hparams, "beta", 0.0)
+        self.needs_reference_means = resolved.algorithm.kind == "likelihood" and beta > 0
         self.dynamics = get_dynamics(resolved.dynamics, **resolved.dynamics_params)
         self.sigmas = self.model.sigmas(cfg.sampling.num_steps).cpu()
         self.forward_kind = resolved.algorithm.kind == "forward"
@@ -130,8 +137,6 @@ class Trainer:
         cond = self.model.encode_prompts(prompts)
         noise = NoiseSource(self.cfg.seed, it, len(plan.prompts), local.start, local.stop)
         steps = [] if self.forward_kind else plan.steps
-        beta = getattr(self.resolved.hparams, "beta", 0.0) if not self.forward_kind else 0.0
-        reference = self.reference if beta > 0 else None
         parts, futures = [], []
         size = self.cfg.sampling.sample_batch_size
         policy = self.old_policy.swapped_in() if self.old_policy else contextlib.nullcontext()
@@ -140,8 +145,7 @@ class Trainer:
                 hi = min(lo + size, len(prompts))
                 part = sample_rollout(self.model, self.dynamics, cond.index(slice(lo, hi)),
                                       self.sigmas, noise.slice(lo, hi), steps,
-                                      guidance_scale=self.cfg.sampling.guidance_scale,
-                                      reference=reference)
+                                      guidance_scale=self.cfg.sampling.guidance_scale)
                 parts.append(part)
                 images = self.model.decode(part.latents).float()
                 futures.append(self.rewards.submit(images, prompts[lo:hi], metadata[lo:hi]))
@@ -277,6 +281,42 @@ class Trainer:
             return forward_batch(self.model, rollout, advantages, cond, entries, times, eps,
                                  self.old_policy.swapped_in, gs)
 
+    @torch.no_grad()
+    def _replay_old_means(self, rollout: Rollout, cond, num_steps: int) -> None:
+        """Overwrite the recorded old means with the update's own forward of the same weights.
+
+        The update's forward runs with autograd on (torch.compile builds a separate graph for
+        it) and in micro-batches of another size than sampling; in bf16 that moves the mean
+        by rounding, so the first step's ratio is not 1 and its KL not 0 (a KL mask with a
+        small threshold then masks entries before the policy has moved). Replaying under
+        the same grad mode and micro-batch size removes the difference. Costs one forward
+        per trained step; advantages play no part in the mean.
+        """
+        samples = torch.arange(rollout.x_t.shape[0])
+        entries = entries_for(samples, num_steps)
+        zeros = torch.zeros(len(samples), device=rollout.x_t.device)
+        with self.accelerator.no_sync(self.model.transformer):
+            for chunk in entries.split(self.cfg.train.micro_batch_size):
+                with torch.enable_grad():
+                    mean = self._make_batch(chunk, rollout, cond, zeros, None).mean.detach()
+                index = chunk.to(rollout.mean_old.device)
+                rollout.mean_old[index.sample, index.step] = mean.to(rollout.mean_old.dtype)
+
+    @torch.no_grad()
+    def _reference_means(self, rollout: Rollout, cond, num_steps: int) -> Rollout:
+        """The reference policy's mean at every recorded step (for ``beta > 0``), batched over
+        (sample, step) entries in update-sized micro-batches rather than one forward per
+        sampling step inside the rollout."""
+        samples = torch.arange(rollout.x_t.shape[0])
+        zeros = torch.zeros(len(samples), device=rollout.x_t.device)
+        mean_ref = torch.empty_like(rollout.mean_old)
+        with self.reference():
+            for chunk in entries_for(samples, num_steps).split(self.cfg.train.micro_batch_size):
+                mean = self._make_batch(chunk, rollout, cond, zeros, None).mean
+                index = chunk.to(mean_ref.device)
+                mean_ref[index.sample, index.step] = mean.to(mean_ref.dtype)
+        return dataclasses.replace(rollout, mean_ref=mean_ref)
+
     def _optimizer_step(self) -> dict[str, Tensor]:
         grad_norm = distributed.clip_grad_norm(self.accelerator, self.model.transformer,
                                                list(self.params.values()), self.cfg.optim.grad_clip)
@@ -293,8 +333,14 @@ class Trainer:
         start = time.perf_counter()
         rollout, cond, futures = self.rollout(it, plan)
         time_rollout = time.perf_counter() - start
+        # Neither pass needs rewards: they run while the last chunk is scored.
+        if self.replay_old_means:
+            self._replay_old_means(rollout, cond, len(plan.steps))
+        if self.needs_reference_means:
+            rollout = self._reference_means(rollout, cond, len(plan.steps))
+        time_replay = time.perf_counter() - start - time_rollout
         rewards, advantages, dropped = self.score(futures, plan)
-        time_reward = time.perf_counter() - start - time_rollout
+        time_reward = time.perf_counter() - start - time_rollout - time_replay
         start_update = time.perf_counter()
         metrics = self.update(it, rollout, cond, advantages, plan)
         row: dict[str, Any] = {"step": it + 1}
@@ -309,6 +355,7 @@ class Trainer:
         row["kl_unit"] = getattr(self.resolved.hparams, "reduce", "mean")
         row["images_generated"] = (it + 1) * self.resolved.samples_per_iteration
         row["time_rollout_s"] = time_rollout
+        row["time_replay_s"] = time_replay
         row["time_reward_wait_s"] = time_reward
         row["time_update_s"] = time.perf_counter() - start_update
         return row
