@@ -142,6 +142,63 @@ def test_a_process_with_fewer_samples_than_minibatches_keeps_in_step(tiny_base, 
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
 
 
+
+def _checkpoint(run: Path, step: int) -> tuple[dict, dict]:
+    import torch
+    from safetensors.torch import load_file
+
+    path = run / "checkpoints" / f"step_{step:06d}"
+    return (load_file(str(path / "trainable.safetensors")),
+            torch.load(path / "optimizer.pt", weights_only=False)["optimizer"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed_zero2"])
+def test_sharded_training_checkpoints_full_state_and_resumes(kind, tiny_base, tmp_path):
+    """FSDP (forced onto the CPU, see launch_flowdppo.py) and DeepSpeed ZeRO-2 (its CPU
+    accelerator), 2 gloo processes: killed after iteration 1 and resumed, the run logs what
+    one process logs, and its checkpoints hold full parameters and an optimizer state equal
+    to one process's (Adam's normalisation turns summation-order differences of tiny
+    gradients into ~1e-5 parameter differences)."""
+    import torch
+
+    from test_accelerate_configs import launch_env
+
+    if kind.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    _, env = launch_env(kind)
+    if kind == "fsdp":
+        env["FLOWDPPO_TEST_FORCE_FSDP"] = "1"
+    overrides = [*tiny_overrides(tiny_base, iterations=2), "sampling.group_size=4",
+                 "sampling.num_groups=3", "train.minibatches_per_pass=1",
+                 "train.micro_batch_size=4", "eval.at_start=false"]
+    _run([sys.executable], tmp_path / "one", overrides)
+    cut = tmp_path / "two"
+    with pytest.raises(AssertionError):  # the test hook's hard exit (137) after iteration 1
+        _run(TORCHRUN, cut, overrides, timeout=180, FLOWDPPO_TEST_EXIT_AFTER_ITERATION="1", **env)
+    assert (cut / "checkpoints" / "latest").read_text() == "step_000001"
+    proc = subprocess.run([*TORCHRUN, LAUNCH, "train", "--resume", str(cut)], env={
+        **os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _rows(tmp_path / "one" / "metrics.jsonl"), _rows(cut / "metrics.jsonl")
+    assert len(one) == len(two) == 2
+    for row_one, row_two in zip(one, two):
+        bad = {k: (v, row_two.get(k)) for k, v in row_one.items()
+               if not k.startswith("time_") and not _close(v, row_two.get(k))}
+        assert not bad, f"step {row_one['step']}: {bad}"
+    params_one, optim_one = _checkpoint(tmp_path / "one", 2)
+    params_two, optim_two = _checkpoint(cut, 2)
+    assert params_one.keys() == params_two.keys()
+    for name, value in params_one.items():
+        torch.testing.assert_close(params_two[name], value, rtol=1e-3, atol=1e-4)
+    assert optim_two["param_groups"][0]["lr"] == optim_one["param_groups"][0]["lr"]
+    for i, state in optim_one["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(optim_two["state"][i][key].float(), value.float(),
+                                       rtol=1e-3, atol=1e-9)
+    assert (cut / "checkpoints" / "step_000002" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_minibatch_plan_gives_every_process_the_same_schedule():
     import torch
 

@@ -23,7 +23,7 @@ from ..advantages import compute_advantages
 from ..algorithms.diagnostics import ratio_vs_divergence
 from ..config import ResolvedRun, to_dict
 from ..dynamics import get_dynamics
-from . import distributed, setup
+from . import checkpoint, distributed, setup
 from .checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -436,28 +436,36 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
 
     def save(self, step: int) -> None:
+        """Every process gathers (FSDP and DeepSpeed hold shards), the main one writes."""
         self.accelerator.wait_for_everyone()
-        if not self.main:
-            return
+        acc, model = self.accelerator, self.model.transformer
+        trainable, optimizer = checkpoint.gather_state(acc, model, self.optimizer, self.params)
         snapshots = {}
         for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
             if snap is not None:
-                snapshots.update({prefix + k: v for k, v in snap.state_dict().items()})
+                with snap.swapped_in():  # sharded like the parameters: gather it the same way
+                    values = checkpoint.gather_params(acc, model, self.params)
+                snapshots.update({prefix + k: v for k, v in values.items()})
+        if not self.main:
+            return
         state = CheckpointState(
-            step=step, trainable={k: v.detach() for k, v in self.params.items()},
-            snapshots=snapshots,
-            optimizer={"optimizer": self.optimizer.state_dict(),
-                       "scheduler": self.scheduler.state_dict()},
+            step=step, trainable=trainable, snapshots=snapshots,
+            optimizer={"optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
             rng=rng_state(), extra={"algorithm": self.cfg.algorithm.name})
-        export = self._export_lora if self.cfg.lora.enabled else None
+        export = (lambda d: self._export_lora(d, trainable)) if self.cfg.lora.enabled else None
         save_checkpoint(self.output_dir / "checkpoints", state, self.cfg.checkpoint.keep_last, export)
 
-    def _export_lora(self, directory: Path) -> None:
+    def _export_lora(self, directory: Path, trainable: dict[str, Tensor]) -> None:
         from peft.utils import get_peft_model_state_dict
 
+        if str(self.accelerator.distributed_type).endswith("FSDP"):
+            # peft finds the LoRA layers by module name, which FSDP's wrappers change; the
+            # gathered trainable parameters are exactly the adapter's ("default") weights.
+            lora = {k.replace(".default.", "."): v for k, v in trainable.items()}
+        else:
+            lora = get_peft_model_state_dict(unwrap(self.model.transformer))
         try:
-            self.model.export_lora(get_peft_model_state_dict(unwrap(self.model.transformer)),
-                                   directory)
+            self.model.export_lora(lora, directory)
         except NotImplementedError as err:
             logger.warning("LoRA export skipped: %s", err)
 
@@ -467,14 +475,14 @@ class Trainer:
             raise ValueError(f"--resume {self.output_dir}: no complete checkpoint under "
                              f"{self.output_dir / 'checkpoints'}")
         state = load_checkpoint(path)
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(state.trainable[name])
+        acc, model = self.accelerator, self.model.transformer
         for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
-            if snap is not None:
-                snap.load_state_dict({k[len(prefix):]: v for k, v in state.snapshots.items()
-                                      if k.startswith(prefix)})
-        self.optimizer.load_state_dict(state.optimizer["optimizer"])
+            if snap is not None:  # through the parameters: under FSDP each process keeps its shard
+                checkpoint.load_params(acc, model, self.params, {
+                    k[len(prefix):]: v for k, v in state.snapshots.items() if k.startswith(prefix)})
+                snap.load_state_dict({n: p.detach() for n, p in self.params.items()})
+        checkpoint.load_state(acc, model, self.optimizer, self.params, state.trainable,
+                              state.optimizer["optimizer"])
         self.scheduler.load_state_dict(state.optimizer["scheduler"])
         set_rng_state(state.rng)
         self.start_iteration = state.step
