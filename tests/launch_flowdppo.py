@@ -6,8 +6,6 @@ hooks chosen by environment variables:
 - ``FLOWDPPO_TEST_FORCE_FSDP=1``: accelerate's FSDP on the CPU over gloo. accelerate itself
   enables FSDP only on GPUs, so the accelerator is built as a plain gloo one and switched to
   FSDP (plugin from the usual ``FSDP_*`` variables) before the trainer prepares the model.
-  Evaluation is skipped: it runs on the main process only, which cannot work on sharded
-  parameters (a known FSDP limitation, see docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ def _force_fsdp() -> None:
     )
 
     from flowdppo.trainer import setup
-    from flowdppo.trainer.loop import Trainer
 
     def make_accelerator(cfg):
         accelerator = Accelerator(cpu=False, mixed_precision=cfg.mixed_precision,
@@ -53,7 +50,6 @@ def _force_fsdp() -> None:
         return accelerator
 
     setup.make_accelerator = make_accelerator
-    Trainer.run_eval = lambda self, step: None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ def _is(accelerator, kind: str) -> bool:
     return str(accelerator.distributed_type).split(".")[-1] == kind
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP): then no process can
+    run the model alone, and work such as evaluation must run on all of them."""
+    return accelerator.num_processes > 1 and _is(accelerator, "FSDP")
+
+
 @contextlib.contextmanager
 def no_sync(accelerator, model: nn.Module) -> Iterator[None]:
     """Accumulate gradients without syncing them.

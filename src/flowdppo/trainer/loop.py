@@ -401,18 +401,25 @@ class Trainer:
                     disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
-        if not self.main:
+        """Evaluate on the main process through the bare transformer; under FSDP, whose
+        processes each hold a shard of the weights, every process runs the same evaluation
+        through the wrapper (its forwards gather the weights) and the main one logs it."""
+        sharded = distributed.shards_parameters(self.accelerator)
+        if not (self.main or sharded):
             return None
         cfg = self.cfg
         items = self.prompts.eval[: cfg.eval.max_prompts]
         context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with context, self._unwrapped(), self.accelerator.autocast():
+        model = contextlib.nullcontext() if sharded else self._unwrapped()
+        with context, model, self.accelerator.autocast():
             result = evaluate(
                 self.model, items, samples_per_prompt=cfg.eval.samples_per_prompt,
                 sigmas=self.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
                 guidance_scale=cfg.sampling.guidance_scale, rewards=self.rewards,
                 monitors=self.monitors, reference=self.reference,
                 batch_size=cfg.sampling.sample_batch_size)
+        if not self.main:
+            return None
         row = {"step": step, **result.row}
         self.logger.log("eval.jsonl", row)
         if cfg.eval.grid:
