@@ -57,15 +57,14 @@ def _check_std(std: Tensor | float, like: Tensor, *, allow_zero: bool = False) -
 def check_all(ok: Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless every element of ``ok`` is true.
 
-    On an accelerator the check is queued on the device (``torch._assert_async``) instead of
+    On CUDA the check is queued on the device (``torch._assert_async``) instead of
     read back: a read-back would stall the host on every loss call. A failure there surfaces
     as a device-side assertion at the next synchronisation.
     """
-    if ok.device.type == "cpu":
-        if not bool(ok.all()):
-            raise ValueError(message)
-    else:
+    if ok.device.type == "cuda":
         torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):  # CPU (free) and devices without an asynchronous assert
+        raise ValueError(message)
 
 
 def _reduce(per_element: Tensor, reduce: str) -> Tensor:
