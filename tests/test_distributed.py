@@ -63,13 +63,29 @@ def test_two_gloo_processes_equal_one_process(tiny_base, tmp_path):
     _assert_same_rows(tmp_path / "one", tmp_path / "two", evals=3)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_equal_one_process(tiny_base, tmp_path):
+    """The same under `accelerate launch` (on the CPU `--cpu` would run one process;
+    `--multi_gpu --num_processes 2` gives two gloo processes)."""
+    overrides = [*tiny_overrides(tiny_base, iterations=2), "sampling.group_size=4",
+                 "sampling.num_groups=3", "train.minibatches_per_pass=1", "checkpoint.every=2"]
+    _run([sys.executable], tmp_path / "one", overrides)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", "29517"]
+    _run(accelerate, tmp_path / "two", overrides, timeout=300)
+    _assert_same_rows(tmp_path / "one", tmp_path / "two", evals=3)
+
+
 def _assert_same_rows(one_dir: Path, two_dir: Path, evals: int, metric_keys=None) -> None:
     """metrics.jsonl (``metric_keys`` only, if given) and eval.jsonl agree row by row."""
     for name in ("metrics.jsonl", "eval.jsonl"):
         one, two = _rows(one_dir / name), _rows(two_dir / name)
         assert len(one) == len(two) == (2 if name == "metrics.jsonl" else evals)
         for row_one, row_two in zip(one, two):
-            keys = [k for k in row_one if not k.startswith("time_")]
+            keys = [k for k in row_one if not k.startswith("time_") and k != "num_processes"]
+            if name == "metrics.jsonl":
+                assert (row_one["num_processes"], row_two["num_processes"]) == (1, 2)
             if name == "metrics.jsonl" and metric_keys is not None:
                 keys = [k for k in keys if k in metric_keys or k.startswith("reward_")]
             bad = {k: (row_one[k], row_two.get(k)) for k in keys if not _close(row_one[k], row_two.get(k))}
@@ -198,8 +214,9 @@ def test_sharded_training_checkpoints_full_state_and_resumes(kind, extra, tiny_b
             else:
                 assert value == row_two[key], key
     for row_one, row_two in zip(one, two):
+        assert (row_one["num_processes"], row_two["num_processes"]) == (1, 2)
         bad = {k: (v, row_two.get(k)) for k, v in row_one.items()
-               if not k.startswith("time_") and not _close(v, row_two.get(k))}
+               if not k.startswith("time_") and k != "num_processes" and not _close(v, row_two.get(k))}
         assert not bad, f"step {row_one['step']}: {bad}"
     params_one, optim_one = _checkpoint(tmp_path / "one", 2)
     params_two, optim_two = _checkpoint(cut, 2)

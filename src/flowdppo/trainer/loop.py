@@ -354,6 +354,7 @@ class Trainer:
         row.update(metrics)
         row["kl_unit"] = getattr(self.resolved.hparams, "reduce", "mean")
         row["images_generated"] = (it + 1) * self.resolved.samples_per_iteration
+        row["num_processes"] = self.world
         row["time_rollout_s"] = time_rollout
         row["time_replay_s"] = time_replay
         row["time_reward_wait_s"] = time_reward
