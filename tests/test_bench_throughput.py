@@ -149,3 +149,18 @@ def test_config_selection(bench):
 def test_bad_arguments_exit_with_a_message(bench, capsys, argv, word):
     assert bench.main(["--model", "tiny", "--device", "cpu", *argv]) == 2
     assert word in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_mode_runs_and_its_trainer_stage_replays(bench, tmp_path):
+    """torch.compile (inductor on the CPU) through every stage; compiled runs replay the old
+    means like the trainer's `train.old_means: auto`."""
+    out = tmp_path / "compiled.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--repeats", "1", "--threads", "1",
+            "--num-steps", "4", "--replays", "2", "--trained-steps", "2", "--no-flops",
+            "--configs", "eager,compiled", "--json", str(out)]
+    assert bench.main(argv) == 0
+    eager, compiled = json.loads(out.read_text())["rows"]
+    assert not eager["trainer_replays_old_means"] and compiled["trainer_replays_old_means"]
+    for row in (eager, compiled):
+        assert all(row[k] > 0 for k in ("forward_ms", "update_ms", "iteration_ms", "trainer_ms"))
