@@ -65,21 +65,36 @@ def sample_ode_with_kl(
 def evaluate(
     model: FlowModel, items: Sequence[PromptItem], *, samples_per_prompt: int, sigmas: Tensor,
     seed: int, guidance_scale: float, rewards: RewardSet, monitors: dict[str, Monitor],
-    reference: Callable[[], Any] | None, batch_size: int,
-) -> EvalResult:
+    reference: Callable[[], Any] | None, batch_size: int, shard: int = 0, num_shards: int = 1,
+    gather: Callable[[list], list] | None = None,
+) -> EvalResult | None:
+    """Sample, score and summarise the held-out prompts.
+
+    With ``num_shards > 1`` the sampling chunks are dealt round-robin to the shards (processes),
+    which each call this with their ``shard``; ``gather`` (all processes call it, e.g.
+    accelerate's ``gather_object``) brings every shard's chunks to each process, and shard 0
+    scores them and returns the result (the others return ``None``). Noise is keyed by global
+    sample index, so the result does not depend on the number of shards.
+    """
     start = time.perf_counter()
     expanded = [item for item in items for _ in range(samples_per_prompt)]
     prompts = [item.prompt for item in expanded]
     metadata = [dict(item.metadata) for item in expanded]
     total = len(expanded)
-    images, kls = [], []
-    for lo in range(0, total, batch_size):
+    if num_shards > 1 and gather is None:
+        raise ValueError("evaluate: num_shards > 1 needs a gather function")
+    chunks: list[tuple[int, Tensor, Tensor]] = []
+    for lo in list(range(0, total, batch_size))[shard::num_shards]:
         hi = min(lo + batch_size, total)
         noise = NoiseSource(seed, EVAL_STREAM, total, lo, hi)
         img, kl = sample_ode_with_kl(model, prompts[lo:hi], sigmas, noise, guidance_scale, reference)
-        images.append(img.float().cpu())
-        kls.append(kl.float().cpu())
-    image_batch, kl_all = torch.cat(images), torch.cat(kls)
+        chunks.append((lo, img.float().cpu(), kl.float().cpu()))
+    if num_shards > 1:
+        chunks = sorted(gather(chunks), key=lambda chunk: chunk[0])
+        if shard != 0:
+            return None
+    image_batch = torch.cat([c[1] for c in chunks])
+    kl_all = torch.cat([c[2] for c in chunks])
     values, _ = rewards.compute(image_batch, prompts, metadata)
     weights = rewards.weights
     combined = sum(weights[n] * v for n, v in values.items())

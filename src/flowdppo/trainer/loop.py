@@ -390,6 +390,10 @@ class Trainer:
             progress.close()
         self.logger.close()
         self.rewards.close()
+        # Leave together and tear the process group down: a process exiting while the
+        # others still talk to it can abort them.
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
         return self.output_dir
 
     def _progress(self):
@@ -402,24 +406,31 @@ class Trainer:
                     disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
-        """Evaluate on the main process through the bare transformer; under FSDP, whose
-        processes each hold a shard of the weights, every process runs the same evaluation
-        through the wrapper (its forwards gather the weights) and the main one logs it."""
+        """Evaluate; the main process scores and logs.
+
+        Each process samples its share of the evaluation's chunks through the bare
+        transformer (a forward through the DDP wrapper would broadcast buffers to processes
+        running other work) and the images are gathered to the main process. Under FSDP no
+        process holds the whole model: every process runs the whole evaluation through the
+        wrapper, whose forwards gather the weights.
+        """
+        from accelerate.utils import gather_object
+
         sharded = distributed.shards_parameters(self.accelerator)
-        if not (self.main or sharded):
-            return None
         cfg = self.cfg
         items = self.prompts.eval[: cfg.eval.max_prompts]
         context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         model = contextlib.nullcontext() if sharded else self._unwrapped()
+        split = {} if sharded or self.world == 1 else dict(
+            shard=self.rank, num_shards=self.world, gather=gather_object)
         with context, model, self.accelerator.autocast():
             result = evaluate(
                 self.model, items, samples_per_prompt=cfg.eval.samples_per_prompt,
                 sigmas=self.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
                 guidance_scale=cfg.sampling.guidance_scale, rewards=self.rewards,
                 monitors=self.monitors, reference=self.reference,
-                batch_size=cfg.sampling.sample_batch_size)
-        if not self.main:
+                batch_size=cfg.sampling.sample_batch_size, **split)
+        if not self.main or result is None:
             return None
         row = {"step": step, **result.row}
         self.logger.log("eval.jsonl", row)
@@ -432,8 +443,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _unwrapped(self):
-        """The bare transformer for main-process-only work: a DDP forward would broadcast
-        buffers and wait for processes that are not running it."""
+        """The bare transformer for work each process runs on its own (evaluation): a DDP
+        forward would broadcast buffers and wait for processes that are not running it."""
         wrapped = self.model.transformer
         self.model.transformer = unwrap(wrapped)
         try:
