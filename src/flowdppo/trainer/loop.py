@@ -281,40 +281,33 @@ class Trainer:
             return forward_batch(self.model, rollout, advantages, cond, entries, times, eps,
                                  self.old_policy.swapped_in, gs)
 
-    @torch.no_grad()
-    def _replay_old_means(self, rollout: Rollout, cond, num_steps: int) -> None:
-        """Overwrite the recorded old means with the update's own forward of the same weights.
-
-        The update's forward runs with autograd on (torch.compile builds a separate graph for
-        it) and in micro-batches of another size than sampling; in bf16 that moves the mean
-        by rounding, so the first step's ratio is not 1 and its KL not 0 (a KL mask with a
-        small threshold then masks entries before the policy has moved). Replaying under
-        the same grad mode and micro-batch size removes the difference. Costs one forward
-        per trained step; advantages play no part in the mean.
-        """
+    def _means_at_recorded_steps(self, rollout: Rollout, cond, num_steps: int,
+                                 grad_mode: bool) -> Tensor:
+        """The model's mean at every recorded (sample, step), in update-sized micro-batches."""
         samples = torch.arange(rollout.x_t.shape[0])
-        entries = entries_for(samples, num_steps)
         zeros = torch.zeros(len(samples), device=rollout.x_t.device)
-        with self.accelerator.no_sync(self.model.transformer):
-            for chunk in entries.split(self.cfg.train.micro_batch_size):
-                with torch.enable_grad():
-                    mean = self._make_batch(chunk, rollout, cond, zeros, None).mean.detach()
-                index = chunk.to(rollout.mean_old.device)
-                rollout.mean_old[index.sample, index.step] = mean.to(rollout.mean_old.dtype)
+        out = torch.empty_like(rollout.mean_old)
+        for chunk in entries_for(samples, num_steps).split(self.cfg.train.micro_batch_size):
+            with torch.set_grad_enabled(grad_mode):
+                mean = self._make_batch(chunk, rollout, cond, zeros, None).mean.detach()
+            index = chunk.to(out.device)
+            out[index.sample, index.step] = mean.to(out.dtype)
+        return out
 
-    @torch.no_grad()
+    def _replay_old_means(self, rollout: Rollout, cond, num_steps: int) -> None:
+        """Overwrite the recorded old means with the update's own forward of the same weights:
+        grad mode (torch.compile builds a separate graph for it) and the update's micro-batch
+        size. In bf16 the rollout's forward rounds differently, so the first step's ratio is
+        not 1 and its KL not 0 (a small KL threshold then masks entries before the policy has
+        moved). Costs one forward per trained step."""
+        with self.accelerator.no_sync(self.model.transformer):
+            rollout.mean_old.copy_(self._means_at_recorded_steps(rollout, cond, num_steps, True))
+
     def _reference_means(self, rollout: Rollout, cond, num_steps: int) -> Rollout:
         """The reference policy's mean at every recorded step (for ``beta > 0``), batched over
-        (sample, step) entries in update-sized micro-batches rather than one forward per
-        sampling step inside the rollout."""
-        samples = torch.arange(rollout.x_t.shape[0])
-        zeros = torch.zeros(len(samples), device=rollout.x_t.device)
-        mean_ref = torch.empty_like(rollout.mean_old)
+        (sample, step) entries rather than one forward per sampling step in the rollout."""
         with self.reference():
-            for chunk in entries_for(samples, num_steps).split(self.cfg.train.micro_batch_size):
-                mean = self._make_batch(chunk, rollout, cond, zeros, None).mean
-                index = chunk.to(mean_ref.device)
-                mean_ref[index.sample, index.step] = mean.to(mean_ref.dtype)
+            mean_ref = self._means_at_recorded_steps(rollout, cond, num_steps, False)
         return dataclasses.replace(rollout, mean_ref=mean_ref)
 
     def _optimizer_step(self) -> dict[str, Tensor]:
