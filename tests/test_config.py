@@ -37,11 +37,11 @@ def test_yaml_exponent_without_dot_is_a_number():
 
 
 def test_overrides_use_dotted_keys_and_yaml_values():
-    data = apply_overrides({}, ["train.num_iterations=3", "sampling.sde_window_range=[0.1, 0.4]",
+    data = apply_overrides({}, ["train.num_iterations=3", "sampling.sde_steps.range=[0.1, 0.4]",
                                 "algorithm.hparams.threshold=1e-6"])
     cfg = from_dict(RunConfig, data)
     assert cfg.train.num_iterations == 3
-    assert cfg.sampling.sde_window_range == [0.1, 0.4]
+    assert cfg.sampling.sde_steps.range == [0.1, 0.4]
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["train.lr"])
 
@@ -79,17 +79,27 @@ def test_batch_geometry_is_checked_before_anything_loads():
 
 
 def test_sde_window_must_fit_its_range():
-    with pytest.raises(ConfigError, match=r"`sampling\.sde_window`=6"):
-        _resolve(sampling={"num_steps": 10, "sde_window": 6, "sde_window_range": [0.0, 0.5]})
-    resolved = _resolve(sampling={"num_steps": 10, "sde_window": 3, "sde_window_range": [0.0, 0.5]})
-    assert (resolved.trained_steps, resolved.window_first, resolved.window_stop) == (3, 0, 5)
+    with pytest.raises(ConfigError, match=r"`sampling\.sde_steps\.count`=6"):
+        _resolve(sampling={"num_steps": 10, "sde_steps": {"count": 6, "range": [0.0, 0.5]}})
+    resolved = _resolve(sampling={"num_steps": 10, "sde_steps": {"count": 3, "range": [0.0, 0.5]}})
+    sde = resolved.sde_steps
+    assert (sde.count, sde.first, sde.stop) == (3, 0, 5)
+
+
+def test_renamed_sde_window_keys_still_load():
+    from flowdppo.config import load_config
+
+    cfg = load_config(None, ["sampling.sde_window=2", "sampling.sde_window_range=[0.1, 0.6]"])
+    assert (cfg.sampling.sde_steps.count, cfg.sampling.sde_steps.range) == (2, [0.1, 0.6])
+    with pytest.raises(ConfigError, match="both given"):
+        load_config(None, ["sampling.sde_window=2", "sampling.sde_steps.count=3"])
 
 
 def test_cps_never_trains_its_deterministic_last_step():
     resolved = _resolve(algorithm={"name": "cps"},
-                        sampling={"num_steps": 4, "sde_window": None, "sde_window_range": [0.0, 1.0]})
+                        sampling={"num_steps": 4, "sde_steps": {"count": None, "range": [0.0, 1.0]}})
     assert resolved.dynamics == "cps"
-    assert resolved.window_stop == 3
+    assert resolved.sde_steps.stop == 3
 
 
 def test_dynamics_must_suit_the_algorithm():

@@ -8,12 +8,8 @@ from fake_model import FakeFlowModel
 from flowdppo.algorithms import get_algorithm
 from flowdppo.dynamics import get_dynamics
 from flowdppo.trainer.rollout import NoiseSource, Rollout, choose_window, sample_rollout
-from flowdppo.trainer.update import (
-    accumulate_gradients,
-    combine_metrics,
-    entries_for,
-    likelihood_batch,
-)
+from flowdppo.trainer.batches import BatchSource, entries_for, likelihood_batch
+from flowdppo.trainer.metrics import weighted_mean
 
 PROMPTS = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
 
@@ -80,45 +76,61 @@ def test_first_replay_has_ratio_one_and_zero_kl():
     assert float(metrics["kl_old_new_max"]) < 1e-12
 
 
+def _updater(model, spec, hparams, micro_batch_size):
+    import contextlib
+
+    from accelerate import Accelerator
+
+    from flowdppo.trainer.update import Updater, UpdateSettings
+
+    params = dict(model.transformer.named_parameters())
+    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    settings = UpdateSettings(1, 1, micro_batch_size, 0.0, False, 0.0, "mean")
+    accelerator = Accelerator(cpu=True)
+    accelerator.no_sync = lambda module: contextlib.nullcontext()
+    return Updater(accelerator, model, optimizer, scheduler, params, spec, hparams, settings)
+
+
 def test_micro_batched_gradient_equals_the_full_batch_gradient():
-    model = FakeFlowModel()
+    """The trainer's optimizer step (Updater.step): accumulating over micro-batches of 4
+    entries gives the gradient of one 18-entry batch (SGD lr 1: the step is the gradient)."""
+    import contextlib
+
+    from flowdppo.trainer.distributed import MinibatchShape
+
     dyn = get_dynamics("flow_sde")
-    rollout = _rollout(model, [0, 1, 2], NoiseSource(0, 1, 6, 0, 6))
-    with torch.no_grad():  # move away from the old policy so the loss is not trivial
-        model.transformer.lin.weight.add_(0.05)
-    cond = model.encode_prompts(PROMPTS)
-    adv = torch.linspace(-1, 1, 6)
     spec = get_algorithm("grpo")
     hp = spec.make_hparams(clip_range=10.0)
     entries = entries_for(torch.arange(6), 3)
 
-    def grads(micro):
-        model.transformer.zero_grad()
-        metrics = accumulate_gradients(
-            spec, hp, lambda e: likelihood_batch(model, dyn, rollout, adv, cond, e, 1.0), entries,
-            micro, _null, lambda loss: loss.backward())
-        return model.transformer.lin.weight.grad.clone(), metrics
+    def step(micro):
+        model = FakeFlowModel()
+        rollout = _rollout(model, [0, 1, 2], NoiseSource(0, 1, 6, 0, 6))
+        with torch.no_grad():  # move away from the old policy so the loss is not trivial
+            model.transformer.lin.weight.add_(0.05)
+        before = model.transformer.lin.weight.detach().clone()
+        cond = model.encode_prompts(PROMPTS)
+        source = BatchSource(model, dyn, rollout, cond, torch.linspace(-1, 1, 6), 1.0,
+                             contextlib.nullcontext)
+        shape = MinibatchShape(-(-len(entries) // micro), len(entries))
+        metrics = _updater(model, spec, hp, micro).step(source, entries, shape)
+        return before - model.transformer.lin.weight.detach(), metrics
 
-    full, m_full = grads(18)
-    micro, m_micro = grads(4)
+    full, m_full = step(18)
+    micro, m_micro = step(4)
     torch.testing.assert_close(full, micro, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(m_full["ratio_max"], m_micro["ratio_max"])
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
+    torch.testing.assert_close(m_full["ratio_max"][0], m_micro["ratio_max"][0])
 
 
 def test_combine_metrics_weights_means_and_keeps_extremes():
     parts = [(1, {"a": torch.tensor(1.0), "r_min": torch.tensor(0.5), "r_max": torch.tensor(2.0)}),
              (3, {"a": torch.tensor(3.0), "r_min": torch.tensor(0.7), "r_max": torch.tensor(1.0)})]
-    out = combine_metrics(parts)
+    out = weighted_mean(parts)
     assert float(out["a"]) == 2.5 and float(out["r_min"]) == 0.5 and float(out["r_max"]) == 2.0
 
 
 def test_combine_metrics_skips_undefined_values():
     parts = [(1, {"corr": torch.tensor(float("nan"))}), (3, {"corr": torch.tensor(0.5)})]
-    assert float(combine_metrics(parts)["corr"]) == 0.5
-    assert torch.isnan(combine_metrics(parts[:1])["corr"])
+    assert float(weighted_mean(parts)["corr"]) == 0.5
+    assert torch.isnan(weighted_mean(parts[:1])["corr"])

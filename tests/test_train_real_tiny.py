@@ -184,7 +184,7 @@ def test_paper_recipes_carry_the_app_f2_settings(name):
     assert (cfg.sampling.group_size, cfg.sampling.num_groups) == (16, 64)
     assert run.samples_per_iteration == 1024
     # 3 trained steps drawn from the first half of the schedule.
-    assert (run.trained_steps, run.window_first, run.window_stop) == (3, 0, steps // 2)
+    assert (run.sde_steps.count, run.sde_steps.first, run.sde_steps.stop) == (3, 0, steps // 2)
     assert cfg.sampling.noise_level == 0.8 and cfg.sampling.eta == 0.8
     assert (run.algorithm.name, run.dynamics) == (algorithm, sampler)
     if algorithm == "dppo":

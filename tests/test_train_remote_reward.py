@@ -65,7 +65,7 @@ class Crashing:
 def remote_overrides(base: Path, url: str, **client) -> list[str]:
     item = {"name": "remote", "kwargs": {"url": url, **client}}
     overrides = [f"model.pretrained={base}", "train.num_iterations=2", "sampling.num_steps=4",
-                 "sampling.sde_window=2", "sampling.sde_window_range=[0.0, 0.75]",
+                 "sampling.sde_steps.count=2", "sampling.sde_steps.range=[0.0, 0.75]",
                  "sampling.group_size=3", "sampling.num_groups=2", "sampling.eval_num_steps=3",
                  "eval.max_prompts=2", "eval.samples_per_prompt=2", "eval.every=0",
                  "eval.at_start=false", "eval.monitors=[]", "checkpoint.every=2",

@@ -8,3 +8,7 @@ class RemoteRewardError(RuntimeError):
 
     The server, not the run's configuration, is at fault; checkpoints already written stay.
     """
+
+
+class RewardsExhaustedError(RuntimeError):
+    """Every image of several consecutive iterations was dropped for a non-finite reward."""

@@ -109,6 +109,14 @@ class AlgorithmSpec:
                 )
         return self.hparams(**overrides)
 
+    def reference_weight(self, hparams: Any) -> float:
+        """``beta``, the weight of KL(theta || ref) (0 for methods without that term)."""
+        return float(getattr(hparams, "beta", 0.0)) if self.kind == "likelihood" else 0.0
+
+    def kl_reduction(self, hparams: Any) -> str:
+        """The unit of the method's log-ratios and KL: ``"mean"`` or ``"sum"`` over elements."""
+        return getattr(hparams, "reduce", "mean")
+
     def __call__(self, batch: Any, hparams: Any) -> LossOutput:
         return self.loss(batch, **dataclasses.asdict(hparams))
 

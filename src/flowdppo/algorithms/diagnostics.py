@@ -15,9 +15,18 @@ the trust region" (both require ``A (r - 1) > 0``, the direction the objective p
 
 and report the fraction of entries where they disagree, plus the correlation of ``log r``
 with ``-KL`` (1 would mean the ratio measures the divergence; Sec. 3.3 says it is mostly noise).
+
+The correlation is over every entry of the batch, on all processes: each micro-batch
+returns the moment sums ``n, sum a, sum b, sum a^2, sum b^2, sum ab`` (keys
+``diag_corr_logr_negkl__*_sum``), the trainer adds them up everywhere and
+:func:`finish_correlations` turns them into the correlation. It is ``None`` (null in the
+logs) when either side has no variance, e.g. at the first update where every KL is 0, so
+one process and N processes report the same thing.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -44,8 +53,9 @@ def ratio_vs_divergence(batch: PolicyStepBatch, *, clip_range: float, reduce: st
 
     Returns:
         ``diag_clip_kl_disagree`` (fraction of entries), ``diag_clip_active``,
-        ``diag_kl_active`` (fractions), ``diag_corr_logr_negkl`` (Pearson correlation),
-        ``diag_matched_delta`` (the matched threshold), all 0-d float32.
+        ``diag_kl_active`` (fractions), ``diag_matched_delta`` (the matched threshold), all
+        0-d float32, and the float64 moment sums of ``(log r, -KL)``
+        (``diag_corr_logr_negkl__{n,a,b,aa,bb,ab}_sum``) for the Pearson correlation.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range={clip_range}: must be > 0")
@@ -60,17 +70,44 @@ def ratio_vs_divergence(batch: PolicyStepBatch, *, clip_range: float, reduce: st
     pushing = batch.advantages.float() * (ratio - 1) > 0
     clip_active = pushing & ((ratio - 1).abs() > clip_range)
     kl_active = pushing & (kl > delta)
-    corr = _pearson(log_ratio, -kl)
     return {
         "diag_clip_kl_disagree": (clip_active != kl_active).float().mean(),
         "diag_clip_active": clip_active.float().mean(),
         "diag_kl_active": kl_active.float().mean(),
-        "diag_corr_logr_negkl": corr,
         "diag_matched_delta": torch.tensor(delta, dtype=torch.float32),
+        **correlation_moments(CORRELATION, log_ratio, -kl),
     }
 
 
-def _pearson(a: Tensor, b: Tensor) -> Tensor:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = a.norm() * b.norm()  # 0 when either side is constant: NaN, without a host sync
-    return torch.where(denom > 0, a @ b / denom, torch.full_like(denom, float("nan"))).float()
+CORRELATION = "diag_corr_logr_negkl"
+_MOMENTS = ("n", "a", "b", "aa", "bb", "ab")
+
+
+def correlation_moments(name: str, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """The additive moment sums of ``(a, b)`` (each ``(N,)``) as ``{name}__{m}_sum``, float64."""
+    a, b = a.detach().double(), b.detach().double()
+    values = (a.new_tensor(float(a.numel())), a.sum(), b.sum(), a @ a, b @ b, a @ b)
+    return {f"{name}__{m}_sum": v for m, v in zip(_MOMENTS, values)}
+
+
+def pearson_from_moments(n: float, sa: float, sb: float, saa: float, sbb: float,
+                         sab: float) -> float | None:
+    """Pearson's r from moment sums; ``None`` when either variance is 0 (up to rounding:
+    below 1e-12 of the mean square) or there are fewer than 2 entries."""
+    if n < 2:
+        return None
+    var_a, var_b = saa - sa * sa / n, sbb - sb * sb / n
+    if var_a <= 1e-12 * saa or var_b <= 1e-12 * sbb:
+        return None
+    return max(-1.0, min(1.0, (sab - sa * sb / n) / math.sqrt(var_a * var_b)))
+
+
+def finish_correlations(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """Replace every ``{name}__*_sum`` group of moment sums by ``name``'s correlation."""
+    names = {k.split("__")[0] for k in metrics if k.endswith("__n_sum")}
+    out = {k: v for k, v in metrics.items()
+           if not any(k.startswith(f"{name}__") for name in names)}
+    for name in sorted(names):
+        sums = [metrics[f"{name}__{m}_sum"] for m in _MOMENTS]
+        out[name] = None if any(s is None for s in sums) else pearson_from_moments(*sums)
+    return out

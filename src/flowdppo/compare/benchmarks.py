@@ -34,7 +34,7 @@ def _recipe(model: str, prompts: str, rewards: list[dict], monitors: list[dict])
         "model": {"name": "toy", "pretrained": model},
         "prompts": {"source": prompts},
         "lora": {"enabled": True, "rank": 8, "alpha": 16.0},
-        "sampling": {"num_steps": 10, "sde_window": 4, "sde_window_range": [0.0, 0.7],
+        "sampling": {"num_steps": 10, "sde_steps": {"count": 4, "range": [0.0, 0.7]},
                      "group_size": 8, "num_groups": 8, "sample_batch_size": 64,
                      "eval_num_steps": 10},
         "rewards": {"items": rewards},

@@ -38,13 +38,24 @@ class PromptConfig:
 
 
 @dataclass
+class SdeStepsConfig:
+    """Which of the K sampler steps are stochastic and trained (the S "SDE steps")."""
+
+    # window: `count` consecutive steps starting at a random index (MixGRPO / Flow-GRPO-Fast);
+    # random: `count` distinct random indices (Flow-GRPO, the Flow-DPPO release), e.g. {0, 2, 4}.
+    # Drawn per iteration from the run's seed, identical on every process and after a resume.
+    mode: Literal["window", "random"] = "window"
+    count: int | None = 3  # S: stochastic (trained) steps per rollout; None = every step
+    range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # [lo, hi) fraction of the K steps
+
+
+@dataclass
 class SamplingConfig:
     num_steps: int = 10  # sampler steps K of a rollout
     dynamics: Literal["flow_sde", "cps", "ode"] | None = None  # None = the algorithm's own
     noise_level: float = 0.7  # Flow-SDE a
     eta: float = 0.8  # CPS eta
-    sde_window: int | None = 3  # stochastic (trained) steps per rollout; None = every step
-    sde_window_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # schedule fraction
+    sde_steps: SdeStepsConfig = field(default_factory=SdeStepsConfig)  # the trained steps
     guidance_scale: float = 1.0  # CFG scale during rollouts (1 = off)
     group_size: int = 8  # G images per prompt
     num_groups: int = 8  # prompts per iteration (global, across processes)
@@ -63,6 +74,7 @@ class RewardItem:
 class RewardConfig:
     items: list[RewardItem] = field(default_factory=lambda: [RewardItem()])
     nonfinite: Literal["error", "drop"] = "error"  # a NaN/inf reward raises, or drops that image
+    max_empty_iterations: int = 3  # stop after this many consecutive iterations with every image dropped
     async_workers: int = 1  # threads scoring rewards while the next rollout samples (0 = inline)
 
 
@@ -93,11 +105,17 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of trainable weights used for evaluation (0 = off)
     old_policy_ema: float = 0.5  # forward-process methods: sampling policy = EMA of theta
     diagnostic_clip_range: float = 1e-4  # ratio clip compared with the exact KL (diag_*); 0 = off
-    # Likelihood methods' old means: recorded by the rollout's forward, or recomputed by the
-    # update's own forward before the first pass (bf16 / torch.compile make the two forwards
-    # differ, so r != 1 at the first step); auto = replay on CUDA, with mixed precision or
-    # with torch.compile, else rollout (on CPU in fp32 the two are bit-identical).
+    # Likelihood methods' old means. The first optimizer step's own forward always defines the
+    # old means of its entries (r == 1, KL == 0 exactly at the first update). Entries of later
+    # minibatches of the first pass (minibatches_per_pass > 1) use the rollout's means
+    # (rollout) or the update's own forward before the first step (replay: bf16 and
+    # torch.compile make the rollout's forward round differently); auto = replay on CUDA,
+    # with mixed precision or with torch.compile, else rollout.
     old_means: Literal["auto", "rollout", "replay"] = "auto"
+    # Train on rollouts sampled by the policy of `policy_lag` iterations before (what an
+    # asynchronous trainer with bounded staleness does); old means and log-probs are that
+    # policy's. 0 = on-policy.
+    policy_lag: int = 0
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,21 @@ from typing import Any
 from ..algorithms import AlgorithmSpec, get_algorithm
 from .loader import ConfigError, apply_overrides, from_dict, read_yaml
 from .schema import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SdeStepPlan:
+    """Where the S trained steps of a K-step rollout may lie (``sampling.sde_steps``).
+
+    ``count`` = S; indices are drawn from ``[first, stop)`` by ``mode`` each iteration.
+    """
+
+    mode: str  # "window" (consecutive) or "random" (distinct)
+    count: int
+    first: int
+    stop: int
 
 
 @dataclass(frozen=True)
@@ -21,16 +37,42 @@ class ResolvedRun:
     hparams: Any  # the algorithm's hyperparameter dataclass
     dynamics: str  # the rollout sampler
     dynamics_params: dict[str, float]
-    trained_steps: int  # stochastic steps per rollout
-    window_first: int  # the earliest step index a window may start at
-    window_stop: int  # one past the latest step index a window may cover
+    sde_steps: SdeStepPlan  # which of the K sampler steps are trained
     samples_per_iteration: int  # global: num_groups * group_size
+    device_type: str  # "cpu" or "cuda" (what `device` resolves to here)
+    compile: bool  # torch.compile the transformer (`model.compile`, None = on for CUDA)
+    replay_old_means: bool  # `train.old_means` resolved (likelihood methods only)
+    needs_reference_means: bool  # a likelihood method with beta > 0
+    kl_reduce: str  # "mean" or "sum": the unit of log-ratios and KL in losses and metrics
+
+    @property
+    def num_trained_steps(self) -> int:
+        """S: the trained (stochastic) steps per rollout."""
+        return self.sde_steps.count
+
+
+# Keys renamed since recipes were first written: old spelling -> new path.
+_RENAMED = {("sampling", "sde_window"): ("sampling", "sde_steps", "count"),
+            ("sampling", "sde_window_range"): ("sampling", "sde_steps", "range")}
+
+
+def _translate_renamed(data: dict) -> None:
+    for (section, old), new in _RENAMED.items():
+        block = data.get(section)
+        if isinstance(block, dict) and old in block:
+            target = block.setdefault(new[1], {})
+            if not isinstance(target, dict) or new[2] in target:
+                raise ConfigError(f"`{section}.{old}` and `{'.'.join(new)}` both given; keep "
+                                  f"only `{'.'.join(new)}`")
+            target[new[2]] = block.pop(old)
+            logger.warning("`%s.%s` is now `%s`; please rename it", section, old, ".".join(new))
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or the defaults) and apply ``key=value`` overrides, strictly."""
     data = read_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
+    _translate_renamed(data)
     return from_dict(RunConfig, data)
 
 
@@ -39,11 +81,11 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_sampling(cfg: RunConfig, dynamics: str, forward: bool) -> tuple[int, int, int]:
-    """Returns (trained steps per rollout, first window start, last window stop).
+def _check_sampling(cfg: RunConfig, dynamics: str, forward: bool) -> SdeStepPlan:
+    """Where the trained steps lie (count S, and the index range they are drawn from).
 
-    Forward-process methods train at the same number of grid times, drawn from the same
-    window, so every method gets the same training forwards per image.
+    Forward-process methods train at the same number of grid times, drawn the same way, so
+    every method gets the same training forwards per image.
     """
     s = cfg.sampling
     _check(s.num_steps >= 2, f"`sampling.num_steps`={s.num_steps}: need at least 2 steps")
@@ -52,23 +94,23 @@ def _check_sampling(cfg: RunConfig, dynamics: str, forward: bool) -> tuple[int, 
     _check(s.num_groups >= 1, f"`sampling.num_groups`={s.num_groups}: must be >= 1")
     _check(s.sample_batch_size >= 1, "`sampling.sample_batch_size` must be >= 1")
     _check(s.guidance_scale >= 1.0, f"`sampling.guidance_scale`={s.guidance_scale}: must be >= 1")
-    ok = len(s.sde_window_range) == 2 and 0.0 <= s.sde_window_range[0] < s.sde_window_range[1] <= 1
-    _check(ok,
-           f"`sampling.sde_window_range`={s.sde_window_range}: expected [lo, hi] with 0 <= lo < hi <= 1")
+    sde = s.sde_steps
+    ok = len(sde.range) == 2 and 0.0 <= sde.range[0] < sde.range[1] <= 1
+    _check(ok, f"`sampling.sde_steps.range`={sde.range}: expected [lo, hi] with 0 <= lo < hi <= 1")
     # CPS's last step (t_next = 0) is deterministic and never trained.
     last_trainable = s.num_steps - 1 if dynamics == "cps" else s.num_steps
     if dynamics == "ode" and not forward:
-        return 0, 0, 0
-    if s.sde_window is None:
-        return last_trainable, 0, last_trainable
-    lo, hi = s.sde_window_range
+        return SdeStepPlan(sde.mode, 0, 0, 0)
+    if sde.count is None:
+        return SdeStepPlan("window", last_trainable, 0, last_trainable)
+    lo, hi = sde.range
     first, stop = round(lo * s.num_steps), min(round(hi * s.num_steps), last_trainable)
     span = stop - first
-    _check(1 <= s.sde_window <= span,
-           f"`sampling.sde_window`={s.sde_window}: must be between 1 and the {span} steps that "
-           f"`sampling.sde_window_range`={s.sde_window_range} covers out of {s.num_steps}; widen the "
-           "range or use fewer window steps")
-    return s.sde_window, first, stop
+    _check(1 <= sde.count <= span,
+           f"`sampling.sde_steps.count`={sde.count}: must be between 1 and the {span} steps that "
+           f"`sampling.sde_steps.range`={sde.range} covers out of {s.num_steps}; widen the "
+           "range or train fewer steps")
+    return SdeStepPlan(sde.mode, sde.count, first, stop)
 
 
 def _check_threshold(hparams: Any) -> None:
@@ -137,8 +179,11 @@ def _check_model(cfg: RunConfig) -> None:
         _check(cfg.lora.rank >= 1, f"`lora.rank`={cfg.lora.rank}: must be >= 1")
 
 
-def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
-    """Validate ``cfg`` and derive the run's constants. Raises ConfigError naming the field."""
+def resolve(cfg: RunConfig, world_size: int = 1, device_type: str | None = None) -> ResolvedRun:
+    """Validate ``cfg`` and derive the run's constants. Raises ConfigError naming the field.
+
+    ``device_type`` (``"cpu"``/``"cuda"``) defaults to what ``cfg.device`` gives here.
+    """
     try:
         spec = get_algorithm(cfg.algorithm.name)
     except ValueError as err:
@@ -155,7 +200,7 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
         _check(dynamics == "flow_sde", "GRPO-Guard is defined for Flow-SDE only: set "
                "`sampling.dynamics: flow_sde`")
     _check_threshold(hparams)
-    trained_steps, first, stop = _check_sampling(cfg, dynamics, spec.kind == "forward")
+    sde_steps = _check_sampling(cfg, dynamics, spec.kind == "forward")
     total = _check_batch_geometry(cfg, world_size)
     _check(cfg.num_threads >= 0, f"`num_threads`={cfg.num_threads}: must be >= 0 (0 = default)")
     _check(cfg.optim.lr > 0, f"`optim.lr`={cfg.optim.lr}: must be > 0")
@@ -166,4 +211,24 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> ResolvedRun:
     _check_model(cfg)
     params = {"flow_sde": {"noise_level": cfg.sampling.noise_level},
               "cps": {"eta": cfg.sampling.eta}, "ode": {}}[dynamics]
-    return ResolvedRun(cfg, spec, hparams, dynamics, params, trained_steps, first, stop, total)
+    _check(cfg.rewards.max_empty_iterations >= 1, "`rewards.max_empty_iterations`="
+           f"{cfg.rewards.max_empty_iterations}: must be >= 1")
+    _check(cfg.train.policy_lag >= 0, f"`train.policy_lag`={cfg.train.policy_lag}: must be >= 0")
+    device_type = _device_type(cfg.device) if device_type is None else device_type
+    compiled = cfg.model.compile if cfg.model.compile is not None else device_type == "cuda"
+    likelihood = spec.kind == "likelihood"
+    mode = cfg.train.old_means
+    replay = likelihood and (mode == "replay" or (mode == "auto" and (
+        compiled or device_type == "cuda" or cfg.mixed_precision != "no")))
+    return ResolvedRun(
+        cfg, spec, hparams, dynamics, params, sde_steps, total, device_type, compiled, replay,
+        needs_reference_means=likelihood and spec.reference_weight(hparams) > 0,
+        kl_reduce=spec.kl_reduction(hparams))
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]

@@ -9,8 +9,9 @@ policies of theta and of the reference, per-element mean, summed over the steps
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,58 @@ def save_grid(result: EvalResult, path: Path, reward_name: str, max_rows: int = 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What a training run's evaluation needs (built once by the trainer)."""
+
+    accelerator: Any
+    model: FlowModel
+    items: Sequence[PromptItem]  # held-out prompts (already cut to `eval.max_prompts`)
+    rewards: RewardSet
+    monitors: dict[str, Monitor]
+    reference: Callable[[], Any]
+    weights: Callable[[], Any]  # context factory: the weights to evaluate (EMA or live)
+
+
+def evaluate_run(ctx: EvalContext, cfg, step: int) -> dict[str, Any] | None:
+    """Evaluate the run at ``step``; the main process gets the result, the others ``None``.
+
+    Each process samples its share of the evaluation's chunks through the bare transformer
+    (a forward through the DDP wrapper would broadcast buffers to processes running other
+    work) and the images are gathered to the main process. Under FSDP no process holds the
+    whole model: every process runs the whole evaluation through the wrapper, whose forwards
+    gather the weights.
+    """
+    from accelerate.utils import gather_object
+
+    from .distributed import shards_parameters
+
+    acc = ctx.accelerator
+    sharded = shards_parameters(acc)
+    world = acc.num_processes
+    split = {} if sharded or world == 1 else dict(
+        shard=acc.process_index, num_shards=world, gather=gather_object)
+    bare = contextlib.nullcontext() if sharded else unwrapped(ctx.model)
+    with ctx.weights(), bare, acc.autocast():
+        return evaluate(
+            ctx.model, ctx.items, samples_per_prompt=cfg.eval.samples_per_prompt,
+            sigmas=ctx.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
+            guidance_scale=cfg.sampling.guidance_scale, rewards=ctx.rewards,
+            monitors=ctx.monitors, reference=ctx.reference,
+            batch_size=cfg.sampling.sample_batch_size, **split)
+
+
+@contextlib.contextmanager
+def unwrapped(model: FlowModel) -> Iterator[None]:
+    """The bare transformer for work each process runs on its own (evaluation): a DDP
+    forward would broadcast buffers and wait for processes that are not running it."""
+    from .policy import unwrap
+
+    wrapped = model.transformer
+    model.transformer = unwrap(wrapped)
+    try:
+        yield
+    finally:
+        model.transformer = wrapped

@@ -1,6 +1,9 @@
-"""The training loop: rollout -> rewards -> advantages -> updates -> eval / checkpoint.
+"""The training loop: plan -> rollout -> rewards -> advantages -> update -> eval / checkpoint.
 
-One loop for every method; the algorithm registry supplies the loss and its kind.
+One loop for every method; the algorithm registry supplies the loss and its kind. Each
+phase has one home: sampling in :mod:`.rollout`, the optimizer step in :mod:`.update`,
+evaluation in :mod:`.evaluation`, checkpoints in :mod:`.checkpoint`; this module only
+sequences them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from torch import Tensor
 
 from .. import STARTED_AT
 from ..advantages import compute_advantages
-from ..algorithms.diagnostics import ratio_vs_divergence
 from ..config import ResolvedRun, to_dict
 from ..dynamics import get_dynamics
-from . import checkpoint, distributed, setup
+from ..errors import RewardsExhaustedError
+from . import checkpoint, setup
+from .batches import BatchSource, entries_for, means_at_entries, write_means
 from .checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -33,7 +37,7 @@ from .checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from .evaluation import evaluate, save_grid
+from .evaluation import EvalContext, evaluate_run, save_grid
 from .logging import RunLogger, truncate_jsonl
 from .policy import (
     ParamSnapshot,
@@ -42,15 +46,8 @@ from .policy import (
     trainable_named_parameters,
     unwrap,
 )
-from .rollout import NoiseSource, Rollout, choose_window, sample_rollout
-from .update import (
-    Entries,
-    accumulate_gradients,
-    combine_metrics,
-    entries_for,
-    forward_batch,
-    likelihood_batch,
-)
+from .rollout import NoiseSource, Rollout, choose_sde_steps, sample_rollout
+from .update import Updater, UpdateSettings
 
 logger = logging.getLogger(__name__)
 # Tests set this to simulate a kill (exit 137, no cleanup) after that iteration.
@@ -64,7 +61,7 @@ class Plan:
     prompts: list[str]  # global batch, group-major
     metadata: list[dict[str, Any]]
     group_ids: Tensor  # (B_global,)
-    steps: list[int]  # trained step indices (or forward-process time indices)
+    trained_steps: list[int]  # the S trained step indices (or forward-process time indices)
 
 
 class Trainer:
@@ -90,20 +87,23 @@ class Trainer:
         self.params = trainable_named_parameters(self.model.transformer)
         optimizer, self.scheduler = setup.make_optimizer(list(self.params.values()), resolved)
         transformer, self.optimizer = self.accelerator.prepare(self.model.transformer, optimizer)
-        compiled = cfg.model.compile or (cfg.model.compile is None and device.type == "cuda")
-        if compiled:
-            transformer = torch.compile(transformer)
-        self.replay_old_means = resolved.algorithm.kind == "likelihood" and (
-            cfg.train.old_means == "replay" or (cfg.train.old_means == "auto" and (
-                compiled or device.type == "cuda" or cfg.mixed_precision != "no")))
-        self.model.transformer = transformer
-        beta = getattr(resolved.hparams, "beta", 0.0)
-        self.needs_reference_means = resolved.algorithm.kind == "likelihood" and beta > 0
+        self.model.transformer = torch.compile(transformer) if resolved.compile else transformer
+        self.updater = Updater(self.accelerator, self.model, self.optimizer, self.scheduler,
+                               self.params, resolved.algorithm, resolved.hparams, UpdateSettings(
+                                   cfg.train.num_updates, cfg.train.minibatches_per_pass,
+                                   cfg.train.micro_batch_size, cfg.optim.grad_clip,
+                                   resolved.replay_old_means, cfg.train.diagnostic_clip_range,
+                                   resolved.kl_reduce))
         self.dynamics = get_dynamics(resolved.dynamics, **resolved.dynamics_params)
         self.sigmas = self.model.sigmas(cfg.sampling.num_steps).cpu()
         self.forward_kind = resolved.algorithm.kind == "forward"
         self.old_policy = ParamSnapshot(self.params) if self.forward_kind else None
         self.ema = ParamSnapshot(self.params) if cfg.train.ema_decay > 0 else None
+        self.lagged: list[ParamSnapshot] = []  # policies of the last `policy_lag` iterations
+        self.eval_context = EvalContext(
+            self.accelerator, self.model, self.prompts.eval[: cfg.eval.max_prompts], self.rewards,
+            self.monitors, self.reference,
+            self.ema.swapped_in if self.ema is not None else contextlib.nullcontext)
         self.start_iteration = 0
         self.logger = RunLogger(output_dir, tensorboard=cfg.logging.tensorboard,
                                 wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -122,13 +122,22 @@ class Trainer:
         picks = torch.randint(0, len(train), (s.num_groups,), generator=generator).tolist()
         items = [train[i] for i in picks for _ in range(s.group_size)]
         group_ids = torch.arange(s.num_groups).repeat_interleave(s.group_size)
-        r = self.resolved
-        steps = choose_window(generator, r.trained_steps, r.window_first, r.window_stop)
+        sde = self.resolved.sde_steps
+        steps = choose_sde_steps(generator, sde.mode, sde.count, sde.first, sde.stop)
         return Plan([i.prompt for i in items], [dict(i.metadata) for i in items], group_ids, steps)
 
     def local_slice(self) -> slice:
         per = self.resolved.samples_per_iteration // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager:
+        """The weights that sample: the EMA old policy (forward methods), the policy of
+        ``policy_lag`` iterations before, or the live weights."""
+        if self.old_policy is not None:
+            return self.old_policy.swapped_in()
+        if self.lagged:
+            return self.lagged[0].swapped_in()
+        return contextlib.nullcontext()
 
     def rollout(self, it: int, plan: Plan) -> tuple[Rollout, Any, list]:
         """Sample this process's slice in chunks; rewards of a chunk score while the next samples."""
@@ -136,11 +145,10 @@ class Trainer:
         prompts, metadata = plan.prompts[local], plan.metadata[local]
         cond = self.model.encode_prompts(prompts)
         noise = NoiseSource(self.cfg.seed, it, len(plan.prompts), local.start, local.stop)
-        steps = [] if self.forward_kind else plan.steps
+        steps = [] if self.forward_kind else plan.trained_steps
         parts, futures = [], []
         size = self.cfg.sampling.sample_batch_size
-        policy = self.old_policy.swapped_in() if self.old_policy else contextlib.nullcontext()
-        with policy, self.accelerator.autocast():
+        with self.sampling_policy(), self.accelerator.autocast():
             for lo in range(0, len(prompts), size):
                 hi = min(lo + size, len(prompts))
                 part = sample_rollout(self.model, self.dynamics, cond.index(slice(lo, hi)),
@@ -173,179 +181,69 @@ class Trainer:
         advantages[~finite] = float("nan")  # marks dropped images; never reaches a loss
         return rewards, advantages[self.local_slice()], dropped
 
-    def update(self, it: int, rollout: Rollout, cond, advantages: Tensor, plan: Plan) -> dict:
-        """``num_updates`` passes over the rollout, ``minibatches_per_pass`` steps each.
+    def batch_source(self, it: int, rollout: Rollout, cond, advantages: Tensor,
+                     plan: Plan) -> BatchSource:
+        forward_inputs = self._forward_inputs(it, plan) if self.forward_kind else None
+        old = self.old_policy.swapped_in if self.old_policy is not None else (
+            self.lagged[0].swapped_in if self.lagged else None)
+        return BatchSource(self.model, self.dynamics, rollout, cond,
+                           advantages.to(self.accelerator.device),
+                           self.cfg.sampling.guidance_scale, self.accelerator.autocast,
+                           forward_inputs, old)
 
-        Processes may keep different numbers of samples (non-finite rewards dropped), yet all
-        run the same optimizer steps and micro-batches (see :mod:`.distributed`). Each step's
-        gradient is that of the mean loss over the minibatch's entries on all processes: a
-        micro-batch's mean loss is weighted by its entries x world / global entries (the
-        processes' gradients are averaged), and padding micro-batches weigh 0.
-        """
-        cfg, device = self.cfg, self.accelerator.device
-        valid = torch.isfinite(advantages).nonzero().squeeze(1)
-        counts = distributed.valid_per_process(self.accelerator, len(valid))
-        if sum(counts) == 0:  # decided on every process alike: none steps
-            logger.warning("iteration %d: every image was dropped (non-finite rewards); no update", it)
-            return {}
-        advantages = torch.nan_to_num(advantages, nan=0.0).to(device)
-        forward_inputs = self._forward_inputs(it, rollout, plan) if self.forward_kind else None
-        generator = torch.Generator().manual_seed(cfg.seed * 104_729 + it)
-        num_steps, size = len(plan.steps), cfg.train.micro_batch_size
-        shapes = distributed.plan_minibatches(counts, cfg.train.minibatches_per_pass, num_steps, size)
-        metrics_all = []
-        for _ in range(cfg.train.num_updates):
-            order = valid[torch.randperm(len(valid), generator=generator)]
-            for shape, minibatch in zip(shapes, order.tensor_split(len(shapes))):
-                if shape.num_micro_batches == 0:
-                    continue  # empty on every process
-                chunks = [c for c in entries_for(minibatch, num_steps).split(size) if len(c)]
-                metrics = self._accumulate(chunks, shape, rollout, cond, advantages, forward_inputs)
-                metrics.update(self._optimizer_step())
-                metrics_all.append(metrics)
-        if self.old_policy is not None:
-            self.old_policy.update_ema(cfg.train.old_policy_ema)
-        if self.ema is not None:
-            self.ema.update_ema(cfg.train.ema_decay)
-        return self._reduce_metrics(metrics_all)
-
-    def _accumulate(self, chunks: list, shape: distributed.MinibatchShape, rollout, cond,
-                    advantages: Tensor, forward_inputs) -> dict[str, Tensor]:
-        """One minibatch's gradients: this process's micro-batches, then zero-weighted padding
-        up to ``shape.num_micro_batches`` (a forward and backward through the wrapper, so the
-        collectives match); only the last one syncs."""
-        padding = Entries(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-        scale = self.world / shape.global_entries
-        parts, blank = [], None
-        for i in range(shape.num_micro_batches):
-            real = i < len(chunks)
-            chunk = chunks[i] if real else padding
-            weight = len(chunk) * scale if real else 0.0
-            last = i == shape.num_micro_batches - 1
-            sync = contextlib.nullcontext() if last else distributed.no_sync(
-                self.accelerator, self.model.transformer)
-            with sync:
-                metrics = accumulate_gradients(
-                    self.resolved.algorithm, self.resolved.hparams,
-                    lambda e: self._make_batch(e, rollout, cond, advantages, forward_inputs),
-                    chunk, len(chunk), contextlib.nullcontext,
-                    lambda loss, w=weight: self.accelerator.backward(loss * w), self._diagnose)
-            if real:
-                parts.append((len(chunk), metrics))
-            else:
-                blank = metrics
-        return combine_metrics(parts) if parts else distributed.missing_metrics(blank)
-
-    def _reduce_metrics(self, per_step: list[dict[str, Tensor]]) -> dict[str, float]:
-        """The iteration's metrics: per optimizer step, every process's values combined
-        (min/max for extremes, mean otherwise: processes hold equal numbers of entries),
-        then the mean over steps. Metrics stay on the device until here, so the update
-        loop never waits for the host; one gather and one read-back for everything."""
-        keys = sorted(per_step[0])
-        device = self.accelerator.device
-        local = torch.stack([torch.stack([m[k].to(device).float().reshape(()) for k in keys])
-                             for m in per_step])  # (steps, keys)
-        table = self.accelerator.gather(local[None]) if self.world > 1 else local[None]
-        table = table.cpu()  # (world, steps, keys)
-        out = {}
-        for j, key in enumerate(keys):
-            column = table[:, :, j]
-            per_step_value = (column.min(0).values if key.endswith("_min") else
-                              column.max(0).values if key.endswith("_max") else column.nanmean(0))
-            out[key] = float(per_step_value.nanmean())
-        return out
-
-    def _diagnose(self, batch) -> dict[str, Tensor]:
-        clip = self.cfg.train.diagnostic_clip_range
-        if self.forward_kind or clip <= 0:
-            return {}
-        reduce = getattr(self.resolved.hparams, "reduce", "mean")
-        return ratio_vs_divergence(batch, clip_range=clip, reduce=reduce)
-
-    def _forward_inputs(self, it: int, rollout: Rollout, plan: Plan) -> tuple[Tensor, Tensor]:
-        """Training times (the window's grid points) and fixed noise for forward methods."""
-        times = self.sigmas[plan.steps].float().to(self.accelerator.device)
+    def _forward_inputs(self, it: int, plan: Plan) -> tuple[Tensor, Tensor]:
+        """Training times (the trained steps' grid points) and fixed noise for forward methods."""
+        times = self.sigmas[plan.trained_steps].float().to(self.accelerator.device)
         local = self.local_slice()
         noise = NoiseSource(self.cfg.seed, -2 - it, len(plan.prompts), local.start, local.stop)
         eps = torch.stack([noise.draw(j, self.model.latent_shape, self.accelerator.device)
-                           for j in range(len(plan.steps))], dim=1)
+                           for j in range(len(plan.trained_steps))], dim=1)
         return times, eps
 
-    def _make_batch(self, entries, rollout, cond, advantages, forward_inputs):
-        gs = self.cfg.sampling.guidance_scale
-        with self.accelerator.autocast():
-            if forward_inputs is None:
-                return likelihood_batch(self.model, self.dynamics, rollout, advantages, cond,
-                                        entries, gs)
-            times, eps = forward_inputs
-            return forward_batch(self.model, rollout, advantages, cond, entries, times, eps,
-                                 self.old_policy.swapped_in, gs)
-
-    def _means_at_recorded_steps(self, rollout: Rollout, cond, num_steps: int,
-                                 grad_mode: bool) -> Tensor:
-        """The model's mean at every recorded (sample, step), in update-sized micro-batches."""
-        samples = torch.arange(rollout.x_t.shape[0])
-        zeros = torch.zeros(len(samples), device=rollout.x_t.device)
-        out = torch.empty_like(rollout.mean_old)
-        for chunk in entries_for(samples, num_steps).split(self.cfg.train.micro_batch_size):
-            with torch.set_grad_enabled(grad_mode):
-                mean = self._make_batch(chunk, rollout, cond, zeros, None).mean.detach()
-            index = chunk.to(out.device)
-            out[index.sample, index.step] = mean.to(out.dtype)
-        return out
-
-    def _replay_old_means(self, rollout: Rollout, cond, num_steps: int) -> None:
-        """Overwrite the recorded old means with the update's own forward of the same weights:
-        grad mode (torch.compile builds a separate graph for it) and the update's micro-batch
-        size. In bf16 the rollout's forward rounds differently, so the first step's ratio is
-        not 1 and its KL not 0 (a small KL threshold then masks entries before the policy has
-        moved). Costs one forward per trained step."""
-        with self.accelerator.no_sync(self.model.transformer):
-            rollout.mean_old.copy_(self._means_at_recorded_steps(rollout, cond, num_steps, True))
-
-    def _reference_means(self, rollout: Rollout, cond, num_steps: int) -> Rollout:
-        """The reference policy's mean at every recorded step (for ``beta > 0``), batched over
-        (sample, step) entries rather than one forward per sampling step in the rollout."""
+    def _reference_means(self, source: BatchSource) -> Rollout:
+        """The rollout with the reference policy's mean at every recorded step (``beta > 0``),
+        batched over (sample, step) entries rather than a forward per sampling step."""
+        rollout = source.rollout
+        entries = entries_for(torch.arange(rollout.x_t.shape[0]), rollout.x_t.shape[1])
         with self.reference():
-            mean_ref = self._means_at_recorded_steps(rollout, cond, num_steps, False)
+            means = means_at_entries(source, entries, self.cfg.train.micro_batch_size,
+                                     grad_mode=False)
+        mean_ref = torch.empty_like(rollout.mean_old)
+        write_means(mean_ref, entries, means)
         return dataclasses.replace(rollout, mean_ref=mean_ref)
 
-    def _optimizer_step(self) -> dict[str, Tensor]:
-        grad_norm = distributed.clip_grad_norm(self.accelerator, self.model.transformer,
-                                               list(self.params.values()), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": torch.as_tensor(grad_norm).detach().float(),
-                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+    def _advance_lag(self) -> None:
+        """Remember the policy that starts this iteration; keep the last ``policy_lag`` + 1."""
+        lag = self.cfg.train.policy_lag
+        if lag > 0:
+            self.lagged.append(ParamSnapshot(self.params))
+            del self.lagged[: max(0, len(self.lagged) - lag - 1)]
 
     # -- the loop -------------------------------------------------------------------------
 
     def iteration(self, it: int) -> dict[str, Any]:
+        self._advance_lag()
         plan = self.plan(it)
         start = time.perf_counter()
         rollout, cond, futures = self.rollout(it, plan)
         time_rollout = time.perf_counter() - start
-        # Neither pass needs rewards: they run while the last chunk is scored.
-        if self.replay_old_means:
-            self._replay_old_means(rollout, cond, len(plan.steps))
-        if self.needs_reference_means:
-            rollout = self._reference_means(rollout, cond, len(plan.steps))
+        # The reference pass needs no rewards: it runs while the last chunk is scored.
+        if self.resolved.needs_reference_means:
+            rollout = self._reference_means(self.batch_source(
+                it, rollout, cond, torch.zeros(rollout.x_t.shape[0]), plan))
         time_replay = time.perf_counter() - start - time_rollout
         rewards, advantages, dropped = self.score(futures, plan)
         time_reward = time.perf_counter() - start - time_rollout - time_replay
         start_update = time.perf_counter()
-        metrics = self.update(it, rollout, cond, advantages, plan)
-        row: dict[str, Any] = {"step": it + 1}
-        combined = sum(self.rewards.weights[n] * v for n, v in rewards.items())
-        finite = torch.isfinite(combined)
-        row["reward_mean"] = float(combined[finite].mean()) if finite.any() else float("nan")
-        row["reward_std"] = float(combined[finite].std()) if finite.sum() > 1 else 0.0
-        for name, values in rewards.items():
-            row[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
-        row["reward_num_nonfinite"] = dropped
+        source = self.batch_source(it, rollout, cond, advantages, plan)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 104_729 + it)
+        # A lagged rollout's means are the older policy's: the live forward must not replace them.
+        metrics = self.updater.update(source, len(plan.trained_steps), generator,
+                                      record_old=not self.lagged)
+        self._after_update()
+        row: dict[str, Any] = {"step": it + 1, **reward_row(rewards, self.rewards.weights, dropped)}
         row.update(metrics)
-        row["kl_unit"] = getattr(self.resolved.hparams, "reduce", "mean")
+        row["kl_unit"] = self.resolved.kl_reduce
         row["images_generated"] = (it + 1) * self.resolved.samples_per_iteration
         row["num_processes"] = self.world
         row["time_rollout_s"] = time_rollout
@@ -354,11 +252,19 @@ class Trainer:
         row["time_update_s"] = time.perf_counter() - start_update
         return row
 
+    def _after_update(self) -> None:
+        train = self.cfg.train
+        if self.old_policy is not None:
+            self.old_policy.update_ema(train.old_policy_ema)
+        if self.ema is not None:
+            self.ema.update_ema(train.ema_decay)
+
     def run(self) -> Path:
         cfg = self.cfg
         if cfg.eval.at_start and self.start_iteration == 0:
             self.run_eval(0)
         progress = self._progress()
+        empty = 0  # consecutive iterations with every image dropped
         for it in range(self.start_iteration, cfg.train.num_iterations):
             if it == self.start_iteration:
                 since = time.perf_counter() - STARTED_AT
@@ -367,6 +273,7 @@ class Trainer:
             if it == self.start_iteration:
                 row["time_first_iteration_start_s"] = since
             self.logger.log("metrics.jsonl", row)
+            empty = empty + 1 if row["reward_num_nonfinite"] == self.resolved.samples_per_iteration else 0
             step = it + 1
             last = step == cfg.train.num_iterations
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
@@ -377,8 +284,14 @@ class Trainer:
                 os._exit(137)  # test hook: a hard kill between checkpoints, no cleanup
             if progress is not None:
                 progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                     kl=f"{row.get('kl_old_new_mean', 0.0):.1e}")
+                                     kl=f"{row.get('kl_old_new_mean') or 0.0:.1e}")
                 progress.update(1)
+            if empty >= cfg.rewards.max_empty_iterations:
+                raise RewardsExhaustedError(
+                    f"every image of the last {empty} iterations had a non-finite reward "
+                    f"(`rewards.nonfinite: drop`); no update was made. Fix the reward; "
+                    f"`rewards.max_empty_iterations`={cfg.rewards.max_empty_iterations} stops a "
+                    "run sooner or later")
         if progress is not None:
             progress.close()
         self.logger.close()
@@ -399,51 +312,19 @@ class Trainer:
                     disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
-        """Evaluate; the main process scores and logs.
-
-        Each process samples its share of the evaluation's chunks through the bare
-        transformer (a forward through the DDP wrapper would broadcast buffers to processes
-        running other work) and the images are gathered to the main process. Under FSDP no
-        process holds the whole model: every process runs the whole evaluation through the
-        wrapper, whose forwards gather the weights.
-        """
-        from accelerate.utils import gather_object
-
-        sharded = distributed.shards_parameters(self.accelerator)
-        cfg = self.cfg
-        items = self.prompts.eval[: cfg.eval.max_prompts]
-        context = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        model = contextlib.nullcontext() if sharded else self._unwrapped()
-        split = {} if sharded or self.world == 1 else dict(
-            shard=self.rank, num_shards=self.world, gather=gather_object)
-        with context, model, self.accelerator.autocast():
-            result = evaluate(
-                self.model, items, samples_per_prompt=cfg.eval.samples_per_prompt,
-                sigmas=self.model.sigmas(cfg.sampling.eval_num_steps).cpu(), seed=cfg.seed,
-                guidance_scale=cfg.sampling.guidance_scale, rewards=self.rewards,
-                monitors=self.monitors, reference=self.reference,
-                batch_size=cfg.sampling.sample_batch_size, **split)
+        """Evaluate (every process samples its share); the main process scores and logs."""
+        result = evaluate_run(self.eval_context, self.cfg, step)
         if not self.main or result is None:
             return None
         row = {"step": step, **result.row}
         self.logger.log("eval.jsonl", row)
-        if cfg.eval.grid:
+        if self.cfg.eval.grid:
             path = save_grid(result, self.output_dir / "samples" / f"eval_step_{step:06d}.png",
-                             cfg.rewards.items[0].name, samples_per_prompt=cfg.eval.samples_per_prompt)
+                             self.cfg.rewards.items[0].name,
+                             samples_per_prompt=self.cfg.eval.samples_per_prompt)
             self.logger.add_image("eval/samples", path, step)
         self.logger.flush()
         return row
-
-    @contextlib.contextmanager
-    def _unwrapped(self):
-        """The bare transformer for work each process runs on its own (evaluation): a DDP
-        forward would broadcast buffers and wait for processes that are not running it."""
-        wrapped = self.model.transformer
-        self.model.transformer = unwrap(wrapped)
-        try:
-            yield
-        finally:
-            self.model.transformer = wrapped
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -502,3 +383,16 @@ class Trainer:
             for name in ("metrics.jsonl", "eval.jsonl"):
                 truncate_jsonl(self.output_dir / name, state.step)
         logger.info("resumed from %s at iteration %d", path, state.step)
+
+
+def reward_row(rewards: dict[str, Tensor], weights: dict[str, float], dropped: int) -> dict[str, Any]:
+    """The iteration's reward columns: the weighted combination and each reward (finite only)."""
+    combined = sum(weights[n] * v for n, v in rewards.items())
+    finite = torch.isfinite(combined)
+    row: dict[str, Any] = {
+        "reward_mean": float(combined[finite].mean()) if finite.any() else float("nan"),
+        "reward_std": float(combined[finite].std()) if finite.sum() > 1 else 0.0}
+    for name, values in rewards.items():
+        row[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
+    row["reward_num_nonfinite"] = dropped
+    return row

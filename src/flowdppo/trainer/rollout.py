@@ -171,3 +171,18 @@ def choose_window(
     """``size`` consecutive step indices starting uniformly in ``[first, stop - size]``."""
     start = first + int(torch.randint(0, stop - size - first + 1, (1,), generator=generator))
     return list(range(start, start + size))
+
+
+def choose_random_steps(
+    generator: torch.Generator, size: int, first: int, stop: int
+) -> list[int]:
+    """``size`` distinct step indices drawn uniformly from ``[first, stop)``, sorted."""
+    picks = torch.randperm(stop - first, generator=generator)[:size] + first
+    return sorted(picks.tolist())
+
+
+def choose_sde_steps(generator: torch.Generator, mode: str, size: int, first: int,
+                     stop: int) -> list[int]:
+    """The trained steps of one rollout (``sampling.sde_steps``): ``"window"`` or ``"random"``."""
+    choose = {"window": choose_window, "random": choose_random_steps}[mode]
+    return choose(generator, size, first, stop)
