@@ -7,9 +7,9 @@ import torch
 from fake_model import FakeFlowModel
 from flowdppo.algorithms import get_algorithm
 from flowdppo.dynamics import get_dynamics
-from flowdppo.trainer.rollout import NoiseSource, Rollout, choose_window, sample_rollout
 from flowdppo.trainer.batches import BatchSource, entries_for, likelihood_batch
 from flowdppo.trainer.metrics import weighted_mean
+from flowdppo.trainer.rollout import NoiseSource, Rollout, choose_window, sample_rollout
 
 PROMPTS = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
 
