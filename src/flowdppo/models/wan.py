@@ -99,6 +99,12 @@ class WanModel(NegativePromptModel):
         self.flow_shift = float(flow_shift) if flow_shift is not None else \
             wan_flow_shift(self.pipe.scheduler.config)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (diffusers keeps Wan's norms and time embedding in fp32, so the
+        first parameter's dtype is not it)."""
+        return self._weight_dtype
+
     def _latent_shape(self, resolution: int) -> tuple[int, int, int, int]:
         spatial = self.pipe.vae_scale_factor_spatial
         multiple = spatial * self.pipe.transformer.config.patch_size[1]
