@@ -94,12 +94,16 @@ class QwenImageModel(NegativePromptModel):
 
         batch, channels, height, width = x.shape
         mask = cond["prompt_embeds_mask"] > 0.5
+        # Cut the padding to the batch's longest prompt, as the pipeline pads: the same
+        # result, without attending over max_sequence_length text tokens every call.
+        longest = max(int(mask.sum(1).max()), 1)
+        mask, embeds = mask[:, :longest], cond["prompt_embeds"][:, :longest]
         return self.transformer(
             hidden_states=Pipe._pack_latents(x, batch, channels, height, width),
             timestep=flux_timestep(t, x.dtype),
             guidance=None,
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_hidden_states=embeds,
             img_shapes=[[(1, height // 2, width // 2)]] * batch,
             return_dict=False,
         )[0]
