@@ -291,3 +291,30 @@ def train_tiny_recipe(spec: Spec, run: Path, extra: list[str] = ()) -> Any:
     trainer = Trainer(resolve(cfg), run)
     trainer.run()
     return trainer
+
+
+def run_recipe_with_a_tiny_model(spec: Spec, name: str, run: Path, extra: list[str] = ()) -> Any:
+    """A real-model recipe as written (bf16 weights and autocast, its method, sampler, CFG,
+    checkpointing), with only the weights, reward, sizes and batch shrunk: one iteration."""
+    from accelerate.state import AcceleratorState
+
+    from flowdppo.config import load_config, resolve
+    from flowdppo.trainer.commands import RECIPES
+    from flowdppo.trainer.loop import Trainer
+
+    kwargs = {"resolution": spec.resolution, "max_sequence_length": SEQ, **spec.options}
+    shrink = [*train_overrides(), "model.pretrained=tiny-random",
+              f"model.kwargs={json.dumps(kwargs)}", "sampling.num_steps=6",
+              "sampling.group_size=2", "sampling.num_groups=2", "sampling.sample_batch_size=4",
+              "sampling.eval_num_steps=2", "rewards.items=[{name: jpeg_compressibility}]",
+              "eval.monitors=[]", "eval.max_prompts=1", "eval.samples_per_prompt=2",
+              "train.num_iterations=1", "train.micro_batch_size=4",
+              "logging.progress_bar=false", "logging.tensorboard=false", *extra]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(resolve(load_config(str(RECIPES / f"{name}.yaml"), shrink)), run)
+    assert trainer.model.dtype == torch.bfloat16
+    trainer.run()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (row,) = read_rows(run / "metrics.jsonl")
+    assert row["grad_norm"] > 0 and math.isfinite(row["grad_norm"])
+    return trainer

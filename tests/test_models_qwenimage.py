@@ -121,3 +121,20 @@ def test_errors():
         QwenImageModel.from_pipeline(make(SPEC).pipe, resolution=64, negative_prompt=None)
     with pytest.raises(ValueError, match="resolution=40"):
         QwenImageModel.from_pipeline(make(SPEC).pipe, resolution=40)
+
+
+def test_recipe_carries_the_anchor_settings_and_runs_with_a_tiny_model(tmp_path):
+    from family_helpers import run_recipe_with_a_tiny_model
+    from flowdppo.config import load_config, resolve
+    from flowdppo.trainer.commands import RECIPES
+
+    run = resolve(load_config(str(RECIPES / "qwenimage_dppo.yaml")))
+    cfg = run.config
+    assert (cfg.model.name, cfg.model.pretrained) == ("qwenimage", "Qwen/Qwen-Image")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr) == (64, 128.0, 3e-4)
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.group_size) == \
+        (10, 4.0, 16)
+    assert (run.trained_steps, run.window_first, run.window_stop) == (2, 0, 5)
+    assert cfg.model.gradient_checkpointing and run.hparams.threshold == 1e-7
+    trainer = run_recipe_with_a_tiny_model(SPEC, "qwenimage_dppo", tmp_path / "run")
+    assert trainer.model.negative_prompt == " "

@@ -171,3 +171,24 @@ def test_errors():
     with pytest.raises(ValueError, match="x_t has shape"):
         model.predict_velocity(torch.zeros(2, 16, 3, 4, 4), torch.ones(2),
                                model.encode_prompts(PROMPTS))
+
+
+@pytest.mark.parametrize("name, hub_id, checkpointing, batch", [
+    ("wan21_t2v_dppo", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", False, 8),
+    ("wan21_t2v_14b_dppo", "Wan-AI/Wan2.1-T2V-14B-Diffusers", True, 2)])
+def test_recipes_carry_the_anchor_settings_and_run_with_a_tiny_model(
+        name, hub_id, checkpointing, batch, tmp_path):
+    from family_helpers import run_recipe_with_a_tiny_model
+    from flowdppo.config import load_config, resolve
+    from flowdppo.trainer.commands import RECIPES
+
+    run = resolve(load_config(str(RECIPES / f"{name}.yaml")))
+    cfg = run.config
+    assert (cfg.model.name, cfg.model.pretrained) == ("wan", hub_id)
+    assert cfg.model.kwargs == {"resolution": 240, "height": 240, "width": 416,
+                                "num_frames": 33, "max_sequence_length": 512}
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.optim.lr) == (20, 4.5, 1e-4)
+    assert cfg.model.gradient_checkpointing == checkpointing
+    assert cfg.sampling.sample_batch_size == cfg.train.micro_batch_size == batch
+    run_recipe_with_a_tiny_model(SPEC, name, tmp_path / "run",
+                                 [f"rewards.items=[{{name: {VIDEO_REWARD}}}]"])

@@ -94,3 +94,17 @@ def test_tiny_recipe_trains_and_exports_a_loadable_lora(tmp_path, caplog):
     assert [r["step"] for r in rows] == [1, 2]
     check_first_update_is_on_policy(rows)
     check_trained_lora(SPEC, trainer, tmp_path / "run", caplog)
+
+
+def test_recipe_carries_the_anchor_settings_and_runs_with_a_tiny_model(tmp_path):
+    from family_helpers import run_recipe_with_a_tiny_model
+    from flowdppo.config import load_config, resolve
+    from flowdppo.trainer.commands import RECIPES
+
+    run = resolve(load_config(str(RECIPES / "zimage_dppo.yaml")))
+    cfg = run.config
+    assert (cfg.model.name, cfg.model.pretrained) == ("zimage", "Tongyi-MAI/Z-Image")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr) == (64, 128.0, 3e-4)
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale) == (10, 5.0)  # pipeline g = 4
+    assert (run.trained_steps, run.window_first, run.window_stop) == (1, 1, 4)  # steps 1-3
+    run_recipe_with_a_tiny_model(SPEC, "zimage_dppo", tmp_path / "run")
