@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +88,20 @@ PRESETS = {
         caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=16,
         dual_attention_layers=(0,), qk_norm="rms_norm"), 4, 64, 8, 4),
 }
+
+
+def _load_model_specs() -> Any:
+    """bench/model_specs.py (Qwen-Image, Wan 14B presets), loaded by path as this script is."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_model_specs", Path(__file__).resolve().with_name("model_specs.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+MODEL_SPECS = _load_model_specs()
+ALL_MODELS = sorted({*PRESETS, *MODEL_SPECS.FAMILY_PRESETS})
 
 
 class BenchModel(FlowModel):
@@ -318,7 +334,7 @@ def build(args: argparse.Namespace) -> tuple[Stages, torch.device, dict[str, Any
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.model or ("sd35m" if device.type == "cuda" else "tiny")
-    preset = PRESETS[name]
+    preset = PRESETS.get(name) or MODEL_SPECS.FAMILY_PRESETS[name]
     batch, resolution = args.batch or preset.batch, args.resolution or preset.resolution
     tokens = args.text_tokens or preset.text_tokens
     if min(batch, tokens, args.repeats, args.num_updates) < 1:
@@ -333,7 +349,10 @@ def build(args: argparse.Namespace) -> tuple[Stages, torch.device, dict[str, Any
     chosen_configs(args, device)  # a bad --configs fails before the model is built
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    model = BenchModel(preset, resolution, tokens, device, dtype)
+    if name in MODEL_SPECS.FAMILY_PRESETS:  # the flowdppo adapter around the full transformer
+        model = MODEL_SPECS.build_family_model(preset, resolution, tokens, device, dtype)
+    else:
+        model = BenchModel(preset, resolution, tokens, device, dtype)
     apply_trainable(model, LoraConfig(rank=preset.lora_rank, alpha=2.0 * preset.lora_rank), seed=0)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
                 else contextlib.nullcontext)
@@ -442,7 +461,7 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(PRESETS), help="default: sd35m on CUDA, tiny on CPU")
+    p.add_argument("--model", choices=ALL_MODELS, help="default: sd35m on CUDA, tiny on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible")
     p.add_argument("--batch", type=int, help="samples per batch (default: the preset's)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs_accelerate"
-EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp_flux": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp_flux": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+            "fsdp_qwenimage": "FSDP", "fsdp_wan": "FSDP"}
 BLOCKS = {"fsdp": ["JointTransformerBlock"],
-          "fsdp_flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]}
+          "fsdp_flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+          "fsdp_qwenimage": ["QwenImageTransformerBlock"], "fsdp_wan": ["WanTransformerBlock"]}
 
 
 def launch_env(name: str) -> tuple[object, dict[str, str]]:
@@ -97,8 +99,16 @@ def _tiny_flux():
         axes_dims_rope=(2, 2, 4))
 
 
-@pytest.mark.parametrize("name, right, wrong", [("fsdp", _tiny_sd3, _tiny_flux),
-                                                ("fsdp_flux", _tiny_flux, _tiny_sd3)])
+def _tiny_transformer(family: str):
+    from flowdppo.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(family).transformer
+
+
+@pytest.mark.parametrize("name, right, wrong", [
+    ("fsdp", _tiny_sd3, _tiny_flux), ("fsdp_flux", _tiny_flux, _tiny_sd3),
+    ("fsdp_qwenimage", lambda: _tiny_transformer("qwenimage"), _tiny_flux),
+    ("fsdp_wan", lambda: _tiny_transformer("wan"), _tiny_sd3)])
 def test_fsdp_plugin_wraps_the_family_blocks(monkeypatch, name, right, wrong):
     from accelerate.utils import FullyShardedDataParallelPlugin
 

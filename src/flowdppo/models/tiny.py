@@ -202,7 +202,7 @@ _BUILDERS = {"sd3": _sd3, "flux": _flux, "flux2": _flux2}
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
-    """A tiny random pipeline of ``family`` ("sd3", "flux" or "flux2"), float32 on the CPU.
+    """A tiny random pipeline of ``family`` (sd3, flux, flux2, qwenimage, zimage, wan), float32.
 
     Args:
         family (`str`): model family.
@@ -211,8 +211,11 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     Returns:
         `StableDiffusion3Pipeline`, `FluxPipeline` or `Flux2KleinPipeline`.
     """
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}: expected one of {sorted(_BUILDERS)}")
-    pipe = _BUILDERS[family](seed)
+    from .tiny_extra import BUILDERS as more  # Qwen-Image, Z-Image, Wan
+
+    builders = {**_BUILDERS, **more}
+    if family not in builders:
+        raise ValueError(f"unknown tiny family {family!r}: expected one of {sorted(builders)}")
+    pipe = builders[family](seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
