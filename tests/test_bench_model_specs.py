@@ -19,9 +19,13 @@ def bench():
     spec = importlib.util.spec_from_file_location("bench_throughput_specs", BENCH / "throughput.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    sys.path.insert(0, str(BENCH))  # its sibling modules, as when run as a script
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.parametrize("name, params, latent", [

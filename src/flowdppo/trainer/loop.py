@@ -89,11 +89,8 @@ class Trainer:
         transformer, self.optimizer = self.accelerator.prepare(self.model.transformer, optimizer)
         self.model.transformer = torch.compile(transformer) if resolved.compile else transformer
         self.updater = Updater(self.accelerator, self.model, self.optimizer, self.scheduler,
-                               self.params, resolved.algorithm, resolved.hparams, UpdateSettings(
-                                   cfg.train.num_updates, cfg.train.minibatches_per_pass,
-                                   cfg.train.micro_batch_size, cfg.optim.grad_clip,
-                                   resolved.replay_old_means, cfg.train.diagnostic_clip_range,
-                                   resolved.kl_reduce))
+                               self.params, resolved.algorithm, resolved.hparams,
+                               UpdateSettings.from_resolved(resolved))
         self.dynamics = get_dynamics(resolved.dynamics, **resolved.dynamics_params)
         self.sigmas = self.model.sigmas(cfg.sampling.num_steps).cpu()
         self.forward_kind = resolved.algorithm.kind == "forward"

@@ -46,6 +46,14 @@ class UpdateSettings:
     diagnostic_clip_range: float  # ratio clip compared with the exact KL; 0 = off
     kl_reduce: str  # "mean" or "sum": the unit of every log-ratio and KL
 
+    @classmethod
+    def from_resolved(cls, resolved) -> UpdateSettings:
+        """The settings of a :class:`~flowdppo.config.ResolvedRun`."""
+        cfg = resolved.config
+        return cls(cfg.train.num_updates, cfg.train.minibatches_per_pass,
+                   cfg.train.micro_batch_size, cfg.optim.grad_clip, resolved.replay_old_means,
+                   cfg.train.diagnostic_clip_range, resolved.kl_reduce)
+
 
 # Test and benchmark hook: called with the updater after every optimizer step.
 STEP_HOOKS: list[Callable[[Updater], None]] = []
@@ -108,9 +116,10 @@ class Updater:
         self.num_steps_taken += 1
         for hook in STEP_HOOKS:
             hook(self)
-        one = torch.ones((), dtype=torch.float64)  # equal on every process: a plain mean
-        metrics["grad_norm"] = (torch.as_tensor(grad_norm).detach().double().cpu(), one)
-        metrics["lr"] = (torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64), one)
+        norm = torch.as_tensor(grad_norm).detach().double()  # stays on its device: no sync
+        one = torch.ones((), dtype=torch.float64, device=norm.device)  # equal on every process
+        metrics["grad_norm"] = (norm, one)
+        metrics["lr"] = (one * self.scheduler.get_last_lr()[0], one)
         return metrics
 
     def _accumulate(self, source: BatchSource, entries: Entries,
