@@ -94,8 +94,12 @@ class Updater:
             order = valid[torch.randperm(len(valid), generator=generator)]
             minibatches = [entries_for(m, num_trained_steps)
                            for m in order.tensor_split(len(shapes))]
-            if p == 0 and source.likelihood and record_old and s.replay_old_means:
-                self._replay_old_means(source, minibatches[1:], shapes[1:])
+            if p == 0 and source.likelihood and s.replay_old_means:
+                if record_old:  # the first step records its own; replay the rest
+                    self._replay_old_means(source, minibatches[1:], shapes[1:])
+                else:  # a lagged rollout: every old mean is the sampling policy's
+                    with source.old_policy() if source.old_policy else contextlib.nullcontext():
+                        self._replay_old_means(source, minibatches, shapes)
             for shape, entries in zip(shapes, minibatches):
                 if shape.num_micro_batches == 0:
                     continue  # empty on every process
