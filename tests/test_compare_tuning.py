@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from flowdppo.compare.tuning import (
@@ -17,7 +19,7 @@ def test_log_grid_spans_the_ratio_evenly_around_one():
     grid = log_grid(7, 1000.0)
     assert len(grid) == 7 and grid[-1] / grid[0] == pytest.approx(1000.0)
     assert grid[3] == pytest.approx(1.0)
-    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    ratios = [b / a for a, b in itertools.pairwise(grid)]
     assert ratios == pytest.approx([10 ** 0.5] * 6)
     assert log_grid(2, 100.0) == pytest.approx((0.1, 10.0))
     assert log_grid(1, 1000.0) == (1.0,)

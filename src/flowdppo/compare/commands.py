@@ -109,7 +109,7 @@ def run_compare(args: argparse.Namespace) -> int:
     report = _tuned(args, plan, *context, start) if tuned else _standard(args, *context, start)
     try:
         outputs = report()
-    except Exception as err:  # noqa: BLE001 (any report fault: the runs are safe, say how to rebuild)
+    except Exception as err:  # any report fault: the runs are safe, say how to rebuild
         logger.exception("writing the report failed")
         runs = sum(1 for _ in (root / "runs").glob("**/eval.jsonl"))
         print(f"flowdppo compare: error: writing the report failed ({type(err).__name__}: {err}). "
