@@ -172,3 +172,63 @@ def test_no_planned_run_is_a_clear_error(fake_training, tmp_path, capsys):
     code = main(["compare", "--methods", "nft", "--variants", "updates_4", "--no-sweep",
                  "--output-dir", str(tmp_path)])
     assert code == 2 and "no runs planned" in capsys.readouterr().err
+
+
+def _tuned(tmp_path, *extra: str) -> int:
+    return main(["compare", "--protocol", "tuned", "--benchmark", "digits", "--methods", "dppo,grpo",
+                 "--grid-points", "7", "--grid-span", "1000", "--lrs", "3e-4,1e-3,3e-3",
+                 "--tuning-seeds", "1000,1001", "--heldout-seeds", "0,1,2", "--iterations", "4",
+                 "--jobs", "1", "--device", "cpu", "--output-dir", str(tmp_path), *extra])
+
+
+def test_tuned_protocol_selects_on_tuning_seeds_then_reports_held_out(fake_training, tmp_path):
+    assert _tuned(tmp_path, "--kl-budget", "10") == 0
+    tune = [n for n in fake_training if n.startswith("tune_")]
+    held = [n for n in fake_training if n.startswith("heldout_")]
+    assert len(tune) == 2 * 7 * 3 * 2 and len(held) == 2 * 3
+    # Held-out runs start only after every tuning run, and tuning never used a held-out seed.
+    assert max(fake_training.index(n) for n in tune) < min(fake_training.index(n) for n in held)
+    assert all(n.endswith(("seed1000", "seed1001")) for n in tune)
+    assert all(n.endswith(("seed0", "seed1", "seed2")) for n in held)
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    held_out = payload["settings"]["main"]["heldout"]
+    # The fake's optimum: dppo at x1, grpo at x0.1 (one grid step), both at lr 1e-3.
+    assert held_out["methods"]["dppo"]["factor"] == pytest.approx(1.0)
+    assert held_out["methods"]["grpo"]["factor"] == pytest.approx(10 ** -1.0)
+    assert held_out["methods"]["grpo"]["lr"] == pytest.approx(1e-3)
+    assert set(held_out["methods"]["grpo"]["per_seed"]) == {"0", "1", "2"}
+    diff = held_out["methods"]["grpo"]["final_reward_diff_to_dppo"]
+    assert diff["low"] <= diff["diff"] <= diff["high"] and diff["seeds"] == [0, 1, 2]
+    ranges = payload["settings"]["main"]["working_range"]
+    assert 0 < ranges["dppo"]["share_of_grid"] <= 1 and ranges["dppo"]["factor_span"] >= 1
+    assert len(payload["settings"]["main"]["grid"]) == 2 * 7 * 3
+    md = (tmp_path / "compare.md").read_text()
+    assert "Selection rule: On the tuning seeds only" in md and "Δ reward vs dppo [95% CI]" in md
+    for name in ("frontier_main.png", "knob_vs_reward_main.png", "heldout_reward_main.png"):
+        assert (tmp_path / name).is_file(), name
+    # Repeated, every run is reused.
+    fake_training.clear()
+    assert _tuned(tmp_path, "--kl-budget", "10") == 0
+    assert fake_training == []
+
+
+def test_tuned_kl_budget_changes_the_choice_and_names_a_new_held_out_run(fake_training, tmp_path):
+    assert _tuned(tmp_path, "--grid-points", "2", "--grid-span", "100", "--lrs", "1e-3",
+                  "--kl-budget", "10") == 0
+    first = json.loads((tmp_path / "compare.json").read_text())["settings"]["main"]["heldout"]
+    assert first["methods"]["dppo"]["factor"] == pytest.approx(0.1)  # equal reward: lower KL wins
+    fake_training.clear()
+    # A budget only x0.1 meets: same choice, nothing reruns; the grid is reused too.
+    assert _tuned(tmp_path, "--grid-points", "2", "--grid-span", "100", "--lrs", "1e-3",
+                  "--kl-budget", "0.1") == 0
+    assert fake_training == []
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert payload["settings"]["main"]["within_budget"] == {"dppo": True, "grpo": True}
+
+
+def test_tuned_refuses_overlapping_seeds_and_lr_x3(fake_training, tmp_path, capsys):
+    assert _tuned(tmp_path, "--heldout-seeds", "1000,5") == 2
+    assert "share [1000]" in capsys.readouterr().err
+    assert _tuned(tmp_path, "--variants", "lr_x3") == 2
+    assert "grids the learning rate" in capsys.readouterr().err
+    assert fake_training == []
