@@ -2,7 +2,8 @@
 
 ``digits``: text-to-digits (8x8 grey, D = 64); the in-domain reward is p(label) times a
 stroke-thickness style score (p(label) alone saturates at 0.98-0.998 for every method);
-its two factors are reported separately.
+its two factors are reported separately. Its components, legibility (``digit_label``) and
+ink (``digit_ink``), are also the ``multi_*`` variants' rewards, combined with equal weights.
 ``shapes``: coloured shapes with captions (16x16 RGB, D = 768); the reward is the mean
 clause correctness of a programmatic judge.
 
@@ -25,7 +26,13 @@ class Benchmark:
     eval_every: int
     # Monitor keys where lower is better (the rest: higher is better).
     lower_is_better: tuple[str, ...] = ("fd",)
-    reward_components: tuple[str, ...] = field(default_factory=tuple)
+    # Reward components trained on by the multi_sum / multi_gdpo variants (equal weights).
+    multi_rewards: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    @property
+    def component_keys(self) -> tuple[str, ...]:
+        """Evaluation-row keys of the components (the evaluator writes ``reward_<name>``)."""
+        return tuple(f"reward_{item['name']}" for item in self.multi_rewards)
 
 
 def _recipe(model: str, prompts: str, rewards: list[dict], monitors: list[dict]) -> dict[str, Any]:
@@ -53,7 +60,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 [{"name": "digit_label"}, {"name": "digit_ink"}, {"name": "digit_judge"},
                  {"name": "diversity"}, {"name": "digit_fd"}]),
         iterations=30, quick_iterations=20, eval_every=10,
-        reward_components=("digit_label_mean", "digit_ink_mean"),
+        multi_rewards=({"name": "digit_label", "weight": 0.5}, {"name": "digit_ink", "weight": 0.5}),
     ),
     "shapes": Benchmark(
         "shapes", 768,

@@ -1,4 +1,10 @@
-"""``flowdppo compare``: every method on one benchmark, same budget, several seeds, one report."""
+"""``flowdppo compare``: every method on one benchmark, same budget, several seeds, one report.
+
+Two protocols: ``standard`` (each method at its scaled paper setting, or the best of a small
+sweep, over the stress variants) and ``tuned`` (an equal tuning grid per method on tuning
+seeds, the chosen point reported on held-out seeds; ``tuned.py``). Either way finished runs
+are reused, and a failing report keeps every run and prints the command that rebuilds it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,10 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import sys
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -20,64 +26,145 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Train every method with the same prompts, seeds, images generated and "
                     "evaluation; write compare.md, compare.json and PNG plots.")
     parser.add_argument("--benchmark", default="digits", help="digits or shapes")
+    parser.add_argument("--protocol", choices=("standard", "tuned"), default="standard",
+                        help="standard: paper settings (or a small sweep) over the variants; tuned: "
+                             "a knob x lr grid per method on tuning seeds, the best point on held-out seeds")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated (default: all): dppo,dppo_cps,grpo,cps,guard,nft,dppo_tv,dppo_pred")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (quick: the first)")
+                        help="comma-separated (default: all; tuned: dppo,grpo,guard,nft): "
+                             "dppo,dppo_cps,grpo,cps,guard,nft,dppo_tv,dppo_pred")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds (quick: the first; tuned: the default held-out seeds)")
     parser.add_argument("--output-dir", default=None, help="default runs/compare_<benchmark>")
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, short runs, no sweep, no lr stress, updates 1/2/4 (a first look)")
+                        help="1 seed, short runs, no sweep, no lr stress, updates 1/2/4 (a first look); "
+                             "tuned: short runs only")
     parser.add_argument("--no-sweep", action="store_true", help="use every method's scaled paper setting")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of main,lr_x3,updates_2,updates_4,updates_8 "
-                             "(default: all; quick: main,updates_2,updates_4)")
+                        help="comma-separated subset of main,lr_x3,updates_<n>,lag_<k>,multi_sum,multi_gdpo "
+                             "(default: main,lr_x3,updates_2,updates_4,updates_8; quick: main,updates_2,"
+                             "updates_4; tuned: main, each variant a setting tuned on its own)")
     parser.add_argument("--iterations", type=int, default=None, help="override iterations per run")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: cores, max 4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every run (repeatable)")
+    tuned = parser.add_argument_group("tuned protocol")
+    tuned.add_argument("--grid-points", type=int, default=7, help="knob grid points, log-spaced (default 7)")
+    tuned.add_argument("--grid-span", type=float, default=1000.0,
+                       help="largest / smallest knob factor, centred on the scaled paper value (default 1000)")
+    tuned.add_argument("--lrs", default=None,
+                       help="comma-separated learning rates (default: the benchmark's x 0.3, 1, 3)")
+    tuned.add_argument("--tuning-seeds", default="1000,1001", help="seeds the selection sees (default 1000,1001)")
+    tuned.add_argument("--heldout-seeds", default=None, help="seeds of the reported runs (default: --seeds)")
+    tuned.add_argument("--kl-budget", type=float, default=1.0,
+                       help="selection's bound on the mean final KL to the reference (default 1.0)")
     parser.set_defaults(func=run_compare)
+
+
+def rebuild_command(args: argparse.Namespace) -> str:
+    """The ``flowdppo compare`` command line of ``args`` (rerunning it reuses finished runs)."""
+    parts = ["flowdppo", "compare"]
+    for flag in ("benchmark", "protocol", "methods", "seeds", "output_dir", "variants", "iterations",
+                 "device", "jobs", "grid_points", "grid_span", "lrs", "tuning_seeds",
+                 "heldout_seeds", "kl_budget"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    parts += [flag for flag in ("--quick", "--no-sweep") if getattr(args, flag[2:].replace("-", "_"))]
+    for item in args.overrides:
+        parts += ["--set", item]
+    return shlex.join(parts)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from .benchmarks import get_benchmark
-    from .methods import DEFAULT_METHODS, get_method
-    from .runner import (
-        ALL_VARIANTS,
-        QUICK_VARIANTS,
-        execute,
-        study_runs,
-        sweep_runs,
-        variant_overrides,
-    )
+    from .methods import DEFAULT_METHODS, TUNED_METHODS, get_method
+    from .runner import ALL_VARIANTS, QUICK_VARIANTS, variant_overrides
 
+    tuned = args.protocol == "tuned"
     bench = with_overrides(get_benchmark(args.benchmark), args.overrides)
-    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    methods = args.methods.split(",") if args.methods else list(TUNED_METHODS if tuned else DEFAULT_METHODS)
     for method in methods:
         get_method(method)  # unknown names fail before any run starts
-    variants = args.variants.split(",") if args.variants else list(
-        QUICK_VARIANTS if args.quick else ALL_VARIANTS)
+    default_variants = ("main",) if tuned else QUICK_VARIANTS if args.quick else ALL_VARIANTS
+    variants = args.variants.split(",") if args.variants else list(default_variants)
     for variant in variants:
         variant_overrides(bench, variant)  # unknown names fail before any run starts
-    seeds = [int(s) for s in args.seeds.split(",")]
-    seeds = seeds[:1] if args.quick else seeds
     iterations = args.iterations or (bench.quick_iterations if args.quick else bench.iterations)
     root = Path(args.output_dir or f"runs/compare_{bench.name}")
     root.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     jobs = args.jobs or (1 if args.device.startswith("cuda") else max(1, min(4, cores)))
-    threads = max(1, cores // jobs)
+    context = (root, bench, methods, variants, iterations, jobs, max(1, cores // jobs))
+    plan = _tuned_plan(args, bench) if tuned else None
     start = time.perf_counter()
     _prepare_base(bench)
+    report = _tuned(args, plan, *context, start) if tuned else _standard(args, *context, start)
+    try:
+        outputs = report()
+    except Exception as err:  # any report fault: the runs are safe, say how to rebuild
+        logger.exception("writing the report failed")
+        runs = sum(1 for _ in (root / "runs").glob("**/eval.jsonl"))
+        print(f"flowdppo compare: error: writing the report failed ({type(err).__name__}: {err}). "
+              f"Nothing is lost: the {runs} finished runs stay under {root / 'runs'}. Rebuild the "
+              f"report with\n  {rebuild_command(args)}\n(finished runs are reused, none is redone).",
+              file=sys.stderr)
+        return 1
+    print("\n".join(f"wrote {p}" for p in outputs))
+    return 0
+
+
+def _standard(args, root, bench, methods, variants, iterations, jobs, threads, start):
+    """Run the standard protocol; returns the report writer."""
+    from .runner import execute, study_runs, sweep_runs
+    from .study_report import write_report
+
+    seeds = _ints(args.seeds, "--seeds")
+    seeds = seeds[:1] if args.quick else seeds
     factors: dict[str, float] = {}
     if not (args.quick or args.no_sweep):
         sweep = sweep_runs(bench, methods, iterations, args.device)
         execute(root, sweep, jobs, threads)
         factors = choose_factors(root, sweep)
     study = study_runs(bench, methods, seeds, iterations, factors, args.device, variants)
+    if not study:
+        raise ValueError(f"no runs planned: variants {variants} run none of the methods {methods} "
+                         "(updates_<n> runs dppo, dppo_cps, grpo and cps only)")
     execute(root, study, jobs, threads)
-    outputs = write_report(root, bench, study, factors, time.perf_counter() - start)
-    print("\n".join(f"wrote {p}" for p in outputs))
-    return 0
+    return lambda: write_report(root, bench, study, factors, time.perf_counter() - start)
+
+
+def _tuned_plan(args, bench):
+    from .tuned import TunedPlan
+    from .tuning import log_grid
+
+    lr = bench.recipe["optim"]["lr"]
+    try:
+        lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else (0.3 * lr, lr, 3 * lr)
+    except ValueError:
+        raise ValueError(f"--lrs={args.lrs!r}: expected comma-separated numbers, e.g. 3e-4,1e-3") from None
+    heldout = args.heldout_seeds or args.seeds
+    return TunedPlan(log_grid(args.grid_points, args.grid_span), lrs,
+                     tuple(_ints(args.tuning_seeds, "--tuning-seeds")),
+                     tuple(_ints(heldout, "--heldout-seeds")), args.kl_budget)
+
+
+def _tuned(args, plan, root, bench, methods, variants, iterations, jobs, threads, start):
+    """Run the tuned protocol; returns the report writer."""
+    from .runner import execute
+    from .tuned import run_tuned
+    from .tuned_report import write_tuned_report
+
+    results = run_tuned(root, bench, methods, variants, plan, iterations, args.device,
+                        lambda r, specs: execute(r, specs, jobs, threads))
+    return lambda: write_tuned_report(root, bench, plan, results, time.perf_counter() - start)
 
 
 def _prepare_base(bench) -> None:
@@ -111,117 +198,7 @@ def choose_factors(root: Path, sweep) -> dict[str, float]:
     for spec in sweep:
         curve = load_run(run_dir(root, spec), spec.method, spec.seed)
         _, reward = curve.series("reward_mean")
-        factor = float(spec.variant.removeprefix("sweep_x"))
         if len(reward) and (spec.method not in best or reward[-1] > best[spec.method][1]):
-            best[spec.method] = (factor, float(reward[-1]))
+            best[spec.method] = (spec.factor, float(reward[-1]))
     (root / "sweep.json").write_text(json.dumps(best, indent=2))
     return {m: f for m, (f, _) in best.items()}
-
-
-def _group(root: Path, specs) -> dict[str, dict[str, list]]:
-    from .report import load_run
-    from .runner import run_dir
-
-    by_variant: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for spec in specs:
-        by_variant[spec.variant][spec.method].append(load_run(run_dir(root, spec), spec.method, spec.seed))
-    return by_variant
-
-
-def write_report(root: Path, bench, specs, factors: dict[str, float], wall_s: float) -> list[Path]:
-    from . import plots
-    from .report import aggregate, monitor_keys
-    from .runner import MULTI_EPOCH_METHODS
-
-    by_variant = _group(root, specs)
-    images_per_step = (bench.recipe["sampling"]["num_groups"] * bench.recipe["sampling"]["group_size"])
-    results: dict[str, Any] = {v: aggregate(m, bench.lower_is_better) for v, m in by_variant.items()}
-    study = _multi_epoch_study(results, MULTI_EPOCH_METHODS)
-    main = by_variant["main"]
-    monitor_series = sorted({k for curves in main.values() for c in curves for k in c.eval_rows[-1]
-                             if isinstance(c.eval_rows[-1][k], (int, float))
-                             and k not in ("step", "reward_mean", "reward_std", "kl_ref", "kl_ref_max",
-                                           "time_eval_s")})
-    figures = [
-        plots.curves_vs_images(main, "reward_mean", "in-domain reward", root / "reward_vs_images.png", images_per_step),
-        plots.curves_vs_images(main, "kl_ref", "KL to reference", root / "kl_vs_images.png", images_per_step),
-        plots.reward_vs_kl(main, root / "reward_vs_kl.png", results["main"]["kl_unit"]),
-        plots.monitors_vs_images(main, monitor_series, root / "monitors_vs_images.png", images_per_step),
-        plots.multi_epoch(study, root / "multi_epoch.png"),
-        plots.noise_diagnostic(main, root / "noise_diagnostic.png"),
-    ]
-    payload = {"benchmark": bench.name, "wall_time_s": wall_s, "sweep_factors": factors,
-               "variants": results, "multi_epoch": {m: {str(u): v for u, v in s.items()}
-                                                     for m, s in study.items()}}
-    (root / "compare.json").write_text(json.dumps(payload, indent=2))
-    md = _markdown(bench, results, study, factors, wall_s, monitor_keys(results["main"]))
-    (root / "compare.md").write_text(md)
-    return [root / "compare.md", root / "compare.json", *figures]
-
-
-def _multi_epoch_study(results: dict[str, Any], methods) -> dict[str, dict[int, dict[str, tuple[float, float]]]]:
-    study: dict[str, dict[int, dict[str, tuple[float, float]]]] = {}
-    for variant, result in results.items():
-        updates = 1 if variant == "main" else (int(variant.split("_")[1]) if variant.startswith("updates_") else None)
-        if updates is None:
-            continue
-        for method, stats in result["methods"].items():
-            if method not in methods:
-                continue
-            study.setdefault(method, {})[updates] = {
-                k: (stats[k]["mean"], stats[k]["std"])
-                for k in ("final_reward", "peak_to_final_drop", "final_kl_ref") if k in stats}
-    return study
-
-
-def _markdown(bench, results, study, factors, wall_s, monitor_cols) -> str:
-    from .report import markdown_table
-
-    lines = [f"# flowdppo compare — {bench.name}", "",
-             f"Wall time {wall_s / 60:.1f} min. KL to the reference: {results['main']['kl_unit']}; "
-             f"matched-KL level {results['main']['matched_kl']:.3g}. Mean ± std over seeds.", ""]
-    if factors:
-        lines += ["Sweep factors chosen (× the scaled paper setting): "
-                  + ", ".join(f"{m}: {f:g}" for m, f in sorted(factors.items())), ""]
-    for variant in sorted(results, key=lambda v: (v != "main", v)):
-        lines += [f"## {variant}", "", markdown_table(results[variant]), ""]
-    lines += ["## Out-of-domain monitors and reward components (main)", "",
-              _monitor_table(results["main"], monitor_cols), ""]
-    lines += ["## Noise diagnostic (likelihood methods, main)", "", _diag_table(results["main"]), ""]
-    if study:
-        lines += ["## Multi-epoch study (updates per rollout)", "", _study_table(study), ""]
-    return "\n".join(lines) + "\n"
-
-
-def _monitor_table(result, keys) -> str:
-    from .report import _cell
-
-    finals = [k for k in keys if k.endswith("_final")]
-    lines = ["| method | " + " | ".join(k.removesuffix("_final") + " (final / drop from peak)" for k in finals) + " |",
-             "|---|" + "---|" * len(finals)]
-    for method, stats in result["methods"].items():
-        cells = [f"{_cell(stats, k)} / {_cell(stats, k.removesuffix('_final') + '_drop_from_peak')}" for k in finals]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _diag_table(result) -> str:
-    from .report import _cell
-
-    lines = ["| method | clip vs exact-KL disagreement | corr(log r, −KL) |", "|---|---|---|"]
-    for method, stats in result["methods"].items():
-        if "diag_clip_kl_disagree" in stats:
-            lines.append(f"| {method} | {_cell(stats, 'diag_clip_kl_disagree')} | "
-                         f"{_cell(stats, 'diag_corr_logr_negkl')} |")
-    return "\n".join(lines)
-
-
-def _study_table(study) -> str:
-    lines = ["| method | updates | final reward | peak→final drop | final KL |", "|---|---|---|---|---|"]
-    for method, by_updates in study.items():
-        for updates in sorted(by_updates):
-            s = by_updates[updates]
-            cells = [f"{s[k][0]:.3g} ± {s[k][1]:.2g}" if k in s else "–"
-                     for k in ("final_reward", "peak_to_final_drop", "final_kl_ref")]
-            lines.append(f"| {method} | {updates} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

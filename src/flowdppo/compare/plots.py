@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,22 +86,27 @@ def monitors_vs_images(by_method: dict[str, list[RunCurves]], keys: Sequence[str
     return _save(fig, path)
 
 
-def multi_epoch(study: dict[str, dict[int, dict[str, tuple[float, float]]]], path: Path) -> Path:
-    """``study[method][updates][quantity] = (mean, std)`` for final/best reward and final KL."""
+def axis_study(study: dict[str, dict[int, dict[str, tuple[float, float]]]], path: Path,
+               xlabel: str, log2: bool = True) -> Path:
+    """``study[method][value][quantity] = (mean, std)`` for final reward, drop and final KL
+    along one axis (updates per rollout on a log2 scale, or policy lag on a linear one)."""
+    import matplotlib.ticker
+
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    values = sorted({v for by_value in study.values() for v in by_value})
     for ax, (key, title) in zip(axes, (("final_reward", "final reward"),
                                        ("peak_to_final_drop", "peak→final drop"),
                                        ("final_kl_ref", "final KL to ref"))):
-        for method, by_updates in study.items():
-            updates = sorted(by_updates)
-            mean = [by_updates[u][key][0] for u in updates]
-            std = [by_updates[u][key][1] for u in updates]
-            ax.errorbar(updates, mean, yerr=std, marker="o", ms=3, capsize=2, label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 2, 4, 8])
-        ax.get_xaxis().set_major_formatter(__import__("matplotlib").ticker.ScalarFormatter())
-        ax.set_xlabel("updates per rollout")
+        for method, by_value in study.items():
+            xs = [v for v in sorted(by_value) if key in by_value[v]]
+            ax.errorbar(xs, [by_value[v][key][0] for v in xs], yerr=[by_value[v][key][1] for v in xs],
+                        marker="o", ms=3, capsize=2, label=method)
+        if log2:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(values)
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
@@ -117,14 +123,56 @@ def noise_diagnostic(by_method: dict[str, list[RunCurves]], path: Path) -> Path:
             if not rows:
                 continue
             length = min(len(r) for r in rows)
-            ax.plot(np.arange(1, length + 1), np.nanmean([r[:length] for r in rows], axis=0),
-                    label=method, lw=1)
+            with warnings.catch_warnings():  # a step where every seed logged null: a gap, not an error
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean([r[:length] for r in rows], axis=0)
+            ax.plot(np.arange(1, length + 1), mean, label=method, lw=1)
     axes[0].set_title("clip vs exact-KL decision disagreement", fontsize=8)
     axes[1].set_title("corr(log r, -KL) per update", fontsize=8)
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def grid_frontier(selections, path: Path, kl_unit: str) -> Path:
+    """Reward against KL of every tuning grid point (mean over tuning seeds); chosen points starred."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for method, sel in selections.items():
+        kl = np.array([p.kl for p in sel.points])
+        reward = np.array([p.reward for p in sel.points])
+        (line,) = ax.plot(kl, reward, "o", ms=3, alpha=0.7, label=method)
+        ax.plot([sel.best.kl], [sel.best.reward], "*", ms=11, color=line.get_color(), mec="k")
+    budget = next(iter(selections.values())).kl_budget if selections else None
+    if budget is not None:
+        ax.axvline(budget, color="grey", ls="--", lw=0.8, label="KL budget")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"final KL to reference ({kl_unit})", fontsize=7)
+    ax.set_ylabel("final reward (tuning seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def knob_vs_reward(selections, path: Path) -> Path:
+    """Final reward against the knob factor, one panel per method, one line per learning rate."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, max(1, len(selections)), figsize=(3.2 * max(1, len(selections)), 2.8),
+                             squeeze=False, sharey=True)
+    for ax, (method, sel) in zip(axes.flat, selections.items()):
+        for lr in sorted({p.lr for p in sel.points}):
+            points = sorted((p for p in sel.points if p.lr == lr), key=lambda p: p.factor)
+            ax.plot([p.factor for p in points], [p.reward for p in points], marker="o", ms=3,
+                    label=f"lr {lr:.3g}")
+        ax.plot([sel.best.factor], [sel.best.reward], "k*", ms=10)
+        ax.set_xscale("log")
+        ax.set_title(method, fontsize=8)
+        ax.set_xlabel("knob factor (× scaled paper value)", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=5)
+    axes.flat[0].set_ylabel("final reward (tuning seeds)")
     return _save(fig, path)
 
 

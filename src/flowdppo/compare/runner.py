@@ -35,10 +35,11 @@ MULTI_EPOCH_METHODS = ("dppo", "dppo_cps", "grpo", "cps")
 
 @dataclass(frozen=True)
 class RunSpec:
-    variant: str  # sweep_x<factor>, main, lr_x3, updates_<n>
+    variant: str  # sweep_x<factor>, main, lr_x3, updates_<n>, lag_<k>, multi_*, tune_*, heldout_*
     method: str
     seed: int
     config: dict[str, Any]
+    factor: float = 1.0  # the method's knob, x its scaled paper value
 
     @property
     def name(self) -> str:
@@ -64,7 +65,7 @@ def make_run(bench: Benchmark, method: str, seed: int, variant: str, iterations:
                                  "train": {"num_iterations": iterations},
                                  "eval": {"every": bench.eval_every}})
     config = deep_merge(config, extra or {})
-    return RunSpec(variant, method, seed, config)
+    return RunSpec(variant, method, seed, config, factor)
 
 
 def sweep_runs(bench: Benchmark, methods: Sequence[str], iterations: int, device: str) -> list[RunSpec]:
@@ -74,24 +75,46 @@ def sweep_runs(bench: Benchmark, methods: Sequence[str], iterations: int, device
 
 ALL_VARIANTS = ("main", "lr_x3", "updates_2", "updates_4", "updates_8")
 QUICK_VARIANTS = ("main", "updates_2", "updates_4")
+# Opt-in axes (not in the default set): staleness, and two ways to combine reward components.
+EXTRA_VARIANTS = ("lag_1", "lag_2", "lag_4", "multi_sum", "multi_gdpo")
+KNOWN_VARIANTS = ALL_VARIANTS + EXTRA_VARIANTS
+MULTI_MODES = {"multi_sum": "weighted_sum", "multi_gdpo": "gdpo"}
+
+
+def _numbered(variant: str, prefix: str) -> int | None:
+    tail = variant.removeprefix(prefix)
+    return int(tail) if variant.startswith(prefix) and tail.isdigit() else None
 
 
 def variant_overrides(bench: Benchmark, variant: str) -> dict[str, Any]:
-    """The stress axis: ``lr_x3`` triples the learning rate; ``updates_<n>`` reuses each
-    rollout for n passes (n x the optimizer steps per rollout)."""
+    """The stress axes: ``lr_x3`` triples the learning rate; ``updates_<n>`` reuses each
+    rollout for n passes (n x the optimizer steps per rollout); ``lag_<k>`` trains on
+    rollouts of the policy of k iterations before (``train.policy_lag``); ``multi_sum`` and
+    ``multi_gdpo`` train on the benchmark's reward components with equal weights, combined
+    by a weighted sum or by GDPO (per-reward group normalisation)."""
     if variant == "main":
         return {}
     if variant == "lr_x3":
         return {"optim": {"lr": 3 * bench.recipe["optim"]["lr"]}}
-    if variant.startswith("updates_") and variant.split("_")[1].isdigit():
-        return {"train": {"num_updates": int(variant.split("_")[1])}}
-    raise ValueError(f"unknown variant {variant!r}: expected one of {ALL_VARIANTS}")
+    if (updates := _numbered(variant, "updates_")) is not None:
+        return {"train": {"num_updates": updates}}
+    if (lag := _numbered(variant, "lag_")) is not None:
+        return {"train": {"policy_lag": lag}}
+    if variant in MULTI_MODES:
+        if not bench.multi_rewards:
+            raise ValueError(f"variant {variant!r} needs a benchmark with reward components; "
+                             f"{bench.name!r} has none (use --benchmark digits)")
+        items = [dict(item) for item in bench.multi_rewards]
+        return {"rewards": {"items": items}, "advantages": {"mode": MULTI_MODES[variant]}}
+    raise ValueError(f"unknown variant {variant!r}: expected one of {KNOWN_VARIANTS} "
+                     "(updates_<n> and lag_<k> take any n, k)")
 
 
 def study_runs(bench: Benchmark, methods: Sequence[str], seeds: Sequence[int], iterations: int,
                factors: dict[str, float], device: str, variants: Sequence[str]) -> list[RunSpec]:
-    """The main comparison plus the stress axis; the multi-epoch variants (``updates_*``)
-    run for the methods of the multi-epoch study only (GRPO vs DPPO, SDE and CPS)."""
+    """The main comparison plus the stress axes; the multi-epoch variants (``updates_*``)
+    run for the methods of the multi-epoch study only (GRPO vs DPPO, SDE and CPS), the
+    others for every method given."""
     runs = []
     for variant in variants:
         extra = variant_overrides(bench, variant)

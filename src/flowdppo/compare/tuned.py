@@ -1,0 +1,135 @@
+"""``flowdppo compare --protocol tuned``: an equal tuning budget per method, held-out seeds.
+
+For each setting (``--variants``, default ``main``) and method: every point of the grid
+(the method's trust-region knob at ``factors`` x its scaled paper value, crossed with the
+learning rates) runs on the tuning seeds; :func:`tuning.select_best` picks one point from
+those runs alone; only then is that point run on the held-out seeds, which the selection
+never sees (their runs do not exist when it happens). Held-out run directories are named
+after the chosen point, so a different choice never reuses a stale run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .benchmarks import Benchmark
+from .methods import get_method
+from .report import RunCurves, load_run
+from .runner import RunSpec, deep_merge, make_run, run_dir, variant_overrides
+from .tuning import PointResult, Selection, select_best
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TunedPlan:
+    factors: tuple[float, ...]  # knob factors (x each method's scaled paper value)
+    lrs: tuple[float, ...]  # learning rates
+    tuning_seeds: tuple[int, ...]
+    heldout_seeds: tuple[int, ...]
+    kl_budget: float  # in the evaluation's KL unit (report.KL_UNIT)
+
+    def __post_init__(self) -> None:
+        overlap = sorted(set(self.tuning_seeds) & set(self.heldout_seeds))
+        if overlap:
+            raise ValueError(f"--tuning-seeds and --heldout-seeds share {overlap}: held-out seeds "
+                             "must never be used for tuning; pick disjoint seeds")
+        if not self.tuning_seeds or not self.heldout_seeds:
+            raise ValueError("--tuning-seeds and --heldout-seeds each need at least one seed")
+        if not self.lrs or not all(lr > 0 and math.isfinite(lr) for lr in self.lrs):
+            raise ValueError(f"--lrs={list(self.lrs)}: need positive finite learning rates")
+        if not self.kl_budget > 0:
+            raise ValueError(f"--kl-budget={self.kl_budget}: must be > 0")
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    """One setting's outcome: per method the selection and its held-out runs."""
+
+    selections: dict[str, Selection]
+    heldout: dict[str, list[RunCurves]]
+
+
+def point_label(setting: str, factor: float, lr: float) -> str:
+    return f"{setting}_x{factor:.4g}_lr{lr:.3g}"
+
+
+def _point_run(bench: Benchmark, method: str, seed: int, variant: str, setting: str, factor: float,
+               lr: float, iterations: int, device: str) -> RunSpec:
+    extra = deep_merge(variant_overrides(bench, setting), {"optim": {"lr": lr}})
+    return make_run(bench, method, seed, variant, iterations, factor, extra, device)
+
+
+def tuning_runs(bench: Benchmark, methods: Sequence[str], plan: TunedPlan, setting: str,
+                iterations: int, device: str) -> list[RunSpec]:
+    """Every grid point of every method on the tuning seeds (points with an invalid knob,
+    e.g. a TV threshold >= 1, are left out with a warning)."""
+    if setting == "lr_x3":
+        raise ValueError("variant 'lr_x3' cannot be a tuned setting: the tuned protocol grids the "
+                         "learning rate itself (--lrs)")
+    runs = []
+    for method in methods:
+        preset = get_method(method)
+        for factor in plan.factors:
+            if not preset.valid_factor(bench.latent_elements, factor):
+                logger.warning("%s: knob factor %g gives %s=%g, outside its range; point skipped",
+                               method, factor, preset.knob, preset.knob_value(bench.latent_elements, factor))
+                continue
+            for lr in plan.lrs:
+                variant = "tune_" + point_label(setting, factor, lr)
+                runs += [_point_run(bench, method, seed, variant, setting, factor, lr, iterations, device)
+                         for seed in plan.tuning_seeds]
+    return runs
+
+
+def point_result(root: Path, spec: RunSpec) -> PointResult:
+    """A finished run's final evaluation reward and KL (NaN when it logged no evaluation)."""
+    curve = load_run(run_dir(root, spec), spec.method, spec.seed)
+    _, reward = curve.series("reward_mean")
+    _, kl = curve.series("kl_ref")
+    return PointResult(spec.factor, float(spec.config["optim"]["lr"]), spec.seed,
+                       float(reward[-1]) if len(reward) else math.nan,
+                       float(kl[-1]) if len(kl) else math.nan)
+
+
+def select_all(root: Path, runs: Sequence[RunSpec], plan: TunedPlan) -> dict[str, Selection]:
+    """Per method, the selection from its tuning runs (the held-out seeds are not passed)."""
+    by_method: dict[str, list[PointResult]] = {}
+    for spec in runs:
+        by_method.setdefault(spec.method, []).append(point_result(root, spec))
+    return {m: select_best(results, plan.tuning_seeds, kl_budget=plan.kl_budget)
+            for m, results in by_method.items()}
+
+
+def heldout_runs(bench: Benchmark, selections: dict[str, Selection], plan: TunedPlan, setting: str,
+                 iterations: int, device: str) -> list[RunSpec]:
+    runs = []
+    for method, selection in selections.items():
+        best = selection.best
+        variant = "heldout_" + point_label(setting, best.factor, best.lr)
+        runs += [_point_run(bench, method, seed, variant, setting, best.factor, best.lr, iterations, device)
+                 for seed in plan.heldout_seeds]
+    return runs
+
+
+def run_tuned(root: Path, bench: Benchmark, methods: Sequence[str], settings: Sequence[str],
+              plan: TunedPlan, iterations: int, device: str, execute) -> dict[str, SettingResult]:
+    """Tune (all settings' grids in one batch of runs), select, then run the held-out seeds.
+
+    ``execute(root, specs)`` runs the unfinished specs (finished ones are reused)."""
+    grids = {s: tuning_runs(bench, methods, plan, s, iterations, device) for s in settings}
+    execute(root, [spec for runs in grids.values() for spec in runs])
+    selections = {s: select_all(root, grids[s], plan) for s in settings}
+    held = {s: heldout_runs(bench, selections[s], plan, s, iterations, device) for s in settings}
+    execute(root, [spec for runs in held.values() for spec in runs])
+    out = {}
+    for setting in settings:
+        curves: dict[str, list[RunCurves]] = {}
+        for spec in held[setting]:
+            curves.setdefault(spec.method, []).append(load_run(run_dir(root, spec), spec.method, spec.seed))
+        out[setting] = SettingResult(selections[setting], curves)
+    return out
