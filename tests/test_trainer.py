@@ -156,10 +156,10 @@ def test_bad_input_fails_fast_with_the_field_named(tmp_path, capsys):
 def test_sample_and_eval_commands_read_a_finished_run(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--output-dir", str(out), *tiny_overrides(tiny_base, iterations=1)]) == 0
-    grid = tmp_path / "seven.png"
+    grid = tmp_path / "seven"
     assert main(["sample", "--run", str(out), "--prompt", "a handwritten seven", "--num", "2",
-                 "--output", str(grid)]) == 0
-    assert grid.is_file() and grid.stat().st_size > 0
+                 "--out", str(grid)]) == 0
+    assert (grid / "grid.png").is_file() and len(list(grid.glob("p00_s*.png"))) == 2
     result = tmp_path / "eval.json"
     assert main(["eval", "--run", str(out), "--output", str(result)]) == 0
     row = json.loads(result.read_text())

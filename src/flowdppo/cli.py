@@ -12,12 +12,14 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
-from .errors import RemoteRewardError
+from .errors import FlowdppoError, RemoteRewardError
 
 # Modules providing ``add_cli(subparsers)``; a missing optional one is skipped.
 _COMMAND_MODULES = (
     "flowdppo.trainer.commands",
+    "flowdppo.trainer.export",
     "flowdppo.worlds.commands",
     "flowdppo.compare.commands",
     "flowdppo.rewards.server",
@@ -55,15 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:
-        # Configuration and input errors: one clear line, no traceback.
-        print(f"flowdppo {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except RemoteRewardError as err:
-        # A failing reward server: one line too; checkpoints already written are intact.
-        print(f"flowdppo {args.command}: error: {err}. Checkpoints written before the failure "
-              "are kept; continue with `flowdppo train --resume <output-dir>`.", file=sys.stderr)
+        # A failing reward server: checkpoints already written are intact.
+        _report(args, f"{err}. Checkpoints written before the failure are kept; continue with "
+                "`flowdppo train --resume <output-dir>`.")
         return 1
+    except (FlowdppoError, ValueError) as err:
+        # User errors (ours, and configuration ValueErrors): one clear line, no traceback.
+        _report(args, str(err))
+        return 2
+
+
+def _report(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr; ``--verbose`` adds the traceback (for bug reports)."""
+    if args.verbose:
+        traceback.print_exc()
+    one_line = " ".join(message.split())
+    print(f"flowdppo {args.command}: error: {one_line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -161,20 +161,19 @@ def _check_rewards(cfg: RunConfig) -> None:
 
 def _check_model(cfg: RunConfig) -> None:
     from ..models import MODELS, load_builtin_models
+    from ..models.pipeline_checks import is_hub_id, missing_folder_error
 
     load_builtin_models()
     _check(cfg.model.name in MODELS,
            f"`model.name`={cfg.model.name!r}: unknown model; expected one of {sorted(MODELS)}")
     pretrained = cfg.model.pretrained
-    # A hub id is "owner/name" and may hold dots ("stable-diffusion-3.5-medium"): only an
-    # anchored path, a deeper one, or an owner-less name with a suffix is surely local.
-    slashes = pretrained.count("/")
-    looks_local = (pretrained.startswith((".", "/", "~")) or slashes > 1
-                   or (slashes == 0 and Path(pretrained).suffix != ""))
-    if looks_local:
-        _check(Path(pretrained).expanduser().exists(),
-               f"`model.pretrained`={pretrained!r}: no such directory; give a local path, a hub id "
-               "already in the cache, builtin:<world> or tiny-random")
+    special = pretrained.startswith("builtin:") or pretrained == "tiny-random"
+    if not special and not is_hub_id(pretrained) and not Path(pretrained).expanduser().exists():
+        raise ConfigError(str(missing_folder_error(pretrained)))
+    # What needs no weights (the folder's pipeline class, the resolution), checked now.
+    check = getattr(MODELS[cfg.model.name], "check_pretrained", None)
+    if check is not None and not special:
+        check(pretrained, missing_ok=True, **cfg.model.kwargs)
     if cfg.lora.enabled:
         _check(cfg.lora.rank >= 1, f"`lora.rank`={cfg.lora.rank}: must be >= 1")
 

@@ -118,6 +118,10 @@ class FlowModel(ABC):
             raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
         enable()
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the whole model (weights as they are now) where the family's loader reads it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save itself")
+
     def export_lora(self, lora_state_dict: dict[str, Tensor], directory: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` loadable by the family's pipeline.
 

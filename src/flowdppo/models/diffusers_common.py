@@ -1,17 +1,18 @@
-"""What the diffusers adapters (SD3, FLUX.1, FLUX.2) share: dtype parsing, offline loading,
-the prompt-embedding cache, the sampling grid from a scheduler, LoRA export, and the
-adapter life cycle (:class:`DiffusersFlowModel`).
+"""What the diffusers adapters (SD3, FLUX.1, FLUX.2) share: dtype parsing, checked offline
+loading (the checks live in :mod:`.pipeline_checks`), the prompt-embedding cache, the
+sampling grid from a scheduler, LoRA export, and the adapter life cycle
+(:class:`DiffusersFlowModel`).
 
-A family adapter supplies four small hooks: ``_encode_batch`` (the pipeline's own
+A family adapter supplies small hooks: ``_encode_batch`` (the pipeline's own
 ``encode_prompt``), ``_forward`` (one transformer call, CFG included), ``_to_vae_latents``
-(undo the latent normalisation) and ``_schedule_kwargs`` (the pipeline's shift arguments).
-Diffusers is imported lazily so importing flowdppo stays fast.
+(undo the latent normalisation), ``_schedule_kwargs`` (the pipeline's shift arguments),
+``_prepare_latents`` (the pipeline's own initial noise) and, where the transformer limits
+the image size, ``_resolution_rule``. Diffusers is imported lazily so importing flowdppo stays fast.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelLoadError
 from .base import Conditioning, FlowModel
+from .pipeline_checks import (
+    check_pipeline_class,
+    check_resolution,
+    family_for_pipeline,
+    load_pipeline,
+    locate_pipeline,
+    read_component_config,
+    vae_scale_factor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,47 +47,6 @@ def parse_dtype(value: str | torch.dtype, name: str = "dtype") -> torch.dtype:
     if isinstance(value, str) and value in DTYPES:
         return DTYPES[value]
     raise ValueError(f"{name}={value!r}: expected one of {sorted(DTYPES)}")
-
-
-def _looks_like_path(pretrained: str) -> bool:
-    # A hub id is "owner/name"; anything anchored or deeper is a local path.
-    return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
-
-
-def _download_hint(repo_id: str) -> str:
-    return (f"download it first:\n  huggingface-cli download {repo_id}\n(gated models such as "
-            "SD3.5 and FLUX.1-dev need `huggingface-cli login` and the licence accepted on the "
-            "model page), or pass a local directory as `pretrained`")
-
-
-def load_pipeline(pipeline_cls: type, pretrained: str, *, dtype: torch.dtype,
-                  vae_dtype: torch.dtype, allow_download: bool = False,
-                  cache_dir: str | None = None) -> Any:
-    """``pipeline_cls.from_pretrained`` from a local directory or the local Hugging Face cache.
-
-    Nothing is downloaded unless ``allow_download`` is set and ``HF_HUB_OFFLINE`` is not;
-    a missing model raises ``FileNotFoundError`` naming the path or the download command.
-    The VAE loads in ``vae_dtype`` directly (casting a bf16 copy up would lose precision).
-    """
-    dtypes = {"default": dtype, "vae": vae_dtype}
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        return pipeline_cls.from_pretrained(str(path), torch_dtype=dtypes)
-    if _looks_like_path(pretrained):
-        raise FileNotFoundError(f"pretrained={pretrained!r}: no such directory ({path.resolve()}); "
-                                f"give an existing local pipeline directory or a hub id")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    local_only = offline or not allow_download
-    if local_only:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(pretrained, "model_index.json", cache_dir=cache_dir)
-        if not isinstance(cached, str):
-            why = "HF_HUB_OFFLINE is set" if offline else "allow_download=False"
-            raise FileNotFoundError(f"pretrained={pretrained!r} is not in the local Hugging Face "
-                                    f"cache and {why}; {_download_hint(pretrained)}")
-    return pipeline_cls.from_pretrained(pretrained, torch_dtype=dtypes, cache_dir=cache_dir,
-                                        local_files_only=local_only)
 
 
 class PromptCache:
@@ -210,6 +180,9 @@ class DiffusersFlowModel(FlowModel):
     family: ClassVar[str] = ""
     pipeline_class_name: ClassVar[str] = ""
     default_max_sequence_length: ClassVar[int] = 512
+    # The pipeline's own ``__call__`` defaults (what `flowdppo sample --lora` uses).
+    default_num_steps: ClassVar[int] = 28
+    default_guidance_scale: ClassVar[float] = 1.0
 
     def __init__(self, pretrained: str = TINY, *, dtype: str | torch.dtype = "bf16",
                  vae_dtype: str | torch.dtype = "fp32", resolution: int | None = None,
@@ -229,6 +202,8 @@ class DiffusersFlowModel(FlowModel):
             resolution = resolution or TINY_RESOLUTION
             max_sequence_length = max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
         else:
+            self.check_pretrained(pretrained, resolution=resolution,
+                                  allow_download=allow_download, cache_dir=cache_dir)
             pipe = load_pipeline(self.pipeline_class(), pretrained, dtype=weights,
                                  vae_dtype=vae_weights, allow_download=allow_download,
                                  cache_dir=cache_dir)
@@ -239,6 +214,32 @@ class DiffusersFlowModel(FlowModel):
                 component.to(text_encoder_device)
         pipe.set_progress_bar_config(disable=True)
         self._setup(pipe, resolution or 512, max_sequence_length, prompt_cache_size, options)
+
+    @classmethod
+    def check_pretrained(cls, pretrained: str, *, resolution: int | None = None,
+                         allow_download: bool = False, cache_dir: str | None = None,
+                         missing_ok: bool = False, **_: Any) -> None:
+        """The checks that need no weights, run before any loads (``config/validate.py`` too).
+
+        The folder (or cached hub snapshot) exists, its ``model_index.json`` names this
+        family's pipeline, and the transformer's config takes ``resolution``. A hub id not
+        on disk yet is left to the loader with ``missing_ok`` (validation) or when it may be
+        downloaded. Other keyword arguments (the rest of ``model.kwargs``) are ignored.
+
+        Raises:
+            ModelLoadError / ModelNotFoundError: naming the key to change.
+        """
+        if pretrained == TINY:
+            return
+        folder = locate_pipeline(pretrained, allow_download=allow_download, cache_dir=cache_dir,
+                                 missing_ok=missing_ok)
+        if folder is None:
+            return
+        check_pipeline_class(folder, pretrained, cls.family, cls.pipeline_class_name)
+        transformer = read_component_config(folder, "transformer")
+        if transformer is not None:
+            factor = vae_scale_factor(read_component_config(folder, "vae"))
+            cls._check_resolution(resolution or 512, transformer, factor)
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -258,8 +259,11 @@ class DiffusersFlowModel(FlowModel):
     def _setup(self, pipe: Any, resolution: int, max_sequence_length: int | None,
                prompt_cache_size: int, options: dict[str, Any]) -> None:
         if not isinstance(pipe, self.pipeline_class()):
-            raise ValueError(f"{type(self).__name__} wraps a {self.pipeline_class_name}; got "
-                             f"{type(pipe).__name__}")
+            found = type(pipe).__name__
+            other = family_for_pipeline(found)
+            hint = f"; use `model.name={other}`" if other else ""
+            raise ModelLoadError(f"{type(self).__name__} wraps a {self.pipeline_class_name}; got "
+                                 f"{found}{hint}")
         self.pipe = pipe
         self.transformer = pipe.transformer
         # Recorded now: the trainer may wrap the transformer (DDP, compile) later.
@@ -275,6 +279,7 @@ class DiffusersFlowModel(FlowModel):
         self._cache = PromptCache(prompt_cache_size)
         self._negative: Conditioning | None = None
         self._init_family(**options)
+        self._check_resolution(self.resolution, pipe.transformer.config, pipe.vae_scale_factor)
         self.latent_shape = self._latent_shape(self.resolution)
 
     def _init_family(self, **options: Any) -> None:
@@ -282,10 +287,18 @@ class DiffusersFlowModel(FlowModel):
         if options:
             raise ValueError(f"{type(self).__name__}: unknown arguments {sorted(options)}")
 
-    def _check_resolution(self, multiple: int) -> None:
-        if self.resolution <= 0 or self.resolution % multiple:
-            raise ValueError(f"resolution={self.resolution}: {self.family} needs a positive "
-                             f"multiple of {multiple} pixels")
+    @classmethod
+    def _check_resolution(cls, resolution: int, transformer_config: Any, vae_factor: int) -> None:
+        multiple, largest, why = cls._resolution_rule(transformer_config, vae_factor)
+        check_resolution(resolution, family=cls.family, multiple=multiple, largest=largest,
+                         why_largest=why)
+
+    @classmethod
+    def _resolution_rule(cls, transformer_config: Any, vae_factor: int
+                         ) -> tuple[int, int | None, str]:
+        """(pixel multiple, largest side or None, where the largest comes from) for a
+        transformer config (a dict or diffusers' FrozenDict) and the VAE's spatial factor."""
+        return 2 * vae_factor, None, ""  # 2x2 latent packing, rotary positions: no upper bound
 
     # -- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -355,6 +368,20 @@ class DiffusersFlowModel(FlowModel):
             images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
 
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Latents from the pipeline's own ``prepare_latents``, in the adapter's layout, float32.
+
+        With ``generator = torch.Generator(device).manual_seed(s)`` this is the noise
+        ``pipe(..., generator=torch.Generator(device).manual_seed(s))`` starts from (drawn in
+        the weights' dtype, as the pipeline does), so its images can be reproduced there.
+        """
+        return self._prepare_latents(batch_size, generator).float()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The whole pipeline as a diffusers folder that ``<Pipeline>.from_pretrained`` loads."""
+        self.pipe.save_pretrained(str(directory))
+        return Path(directory)
+
     def sigmas(self, num_steps: int) -> Tensor:
         return scheduler_sigmas(self.pipe.scheduler, num_steps, **self._schedule_kwargs(num_steps))
 
@@ -367,6 +394,9 @@ class DiffusersFlowModel(FlowModel):
         raise NotImplementedError
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _prepare_latents(self, batch: int, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
 
     def _forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor],

@@ -52,6 +52,8 @@ class FluxModel(DiffusersFlowModel):
     family = "flux"
     pipeline_class_name = "FluxPipeline"
     default_max_sequence_length = 512
+    default_num_steps = 28
+    default_guidance_scale = 3.5
 
     def _init_family(self, **options: Any) -> None:
         super()._init_family(**options)
@@ -62,10 +64,16 @@ class FluxModel(DiffusersFlowModel):
         self.lora_target_modules = (*_ATTENTION, "proj_mlp", *singles)
 
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor
-        self._check_resolution(2 * factor)  # 2x2 packing on top of the VAE's factor
-        side = resolution // factor
+        side = resolution // self.pipe.vae_scale_factor  # a multiple of 2: 2x2 packing
         return (self.pipe.transformer.config.in_channels // 4, side, side)
+
+    def _prepare_latents(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        from diffusers import FluxPipeline
+
+        channels, res = self.latent_shape[0], self.resolution
+        packed, _ = self.pipe.prepare_latents(batch, channels, res, res, self._weight_dtype,
+                                              self.device, generator)  # (B, HW/4, 4C)
+        return FluxPipeline._unpack_latents(packed, res, res, self.pipe.vae_scale_factor)
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(

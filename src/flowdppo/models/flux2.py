@@ -55,6 +55,8 @@ class Flux2Model(DiffusersFlowModel):
     family = "flux2"
     pipeline_class_name = "Flux2KleinPipeline"
     default_max_sequence_length = 512
+    default_num_steps = 50
+    default_guidance_scale = 4.0
 
     def _init_family(self, text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
                      **options: Any) -> None:
@@ -67,10 +69,15 @@ class Flux2Model(DiffusersFlowModel):
         self.lora_target_modules = (*_ATTENTION, *singles)
 
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 * self.pipe.vae_scale_factor  # VAE factor times the 2x2 patchify
-        self._check_resolution(factor)
-        side = resolution // factor
+        side = resolution // (2 * self.pipe.vae_scale_factor)  # VAE factor x 2x2 patchify
         return (self.pipe.transformer.config.in_channels, side, side)
+
+    def _prepare_latents(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        channels, height, width = self.latent_shape
+        packed, _ = self.pipe.prepare_latents(batch, channels // 4, self.resolution,
+                                              self.resolution, self._weight_dtype, self.device,
+                                              generator)  # (B, HW, C), row-major tokens
+        return packed.transpose(1, 2).reshape(batch, channels, height, width)
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipe.encode_prompt(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import register_model
@@ -44,16 +45,34 @@ class SD3Model(DiffusersFlowModel):
     family = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     default_max_sequence_length = 256
+    default_num_steps = 28
+    default_guidance_scale = 7.0
     lora_target_modules = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     )
 
+    @classmethod
+    def _resolution_rule(cls, transformer_config: Any, vae_factor: int
+                         ) -> tuple[int, int | None, str]:
+        # Learned positions: at most pos_embed_max_size patches a side (diffusers otherwise
+        # fails mid-forward with "Height cannot be greater than pos_embed_max_size").
+        patch = int(transformer_config.get("patch_size", 2))
+        positions = transformer_config.get("pos_embed_max_size")
+        if not positions:
+            return vae_factor * patch, None, ""
+        largest = int(positions) * patch * vae_factor
+        return (vae_factor * patch, largest,
+                f"pos_embed_max_size {positions} x patch {patch} x VAE factor {vae_factor}")
+
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor
-        self._check_resolution(factor * self.pipe.patch_size)
-        side = resolution // factor
+        side = resolution // self.pipe.vae_scale_factor
         return (self.pipe.transformer.config.in_channels, side, side)
+
+    def _prepare_latents(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        channels, res = self.pipe.transformer.config.in_channels, self.resolution
+        return self.pipe.prepare_latents(batch, channels, res, res, self._weight_dtype,
+                                         self.device, generator)
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -38,17 +38,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. train.lr=1e-4")
     train.set_defaults(func=run_train)
 
-    sample = subparsers.add_parser("sample", help="images from a trained run's checkpoint")
-    sample.add_argument("--run", required=True, help="training output directory")
-    sample.add_argument("--checkpoint", default=None, help="checkpoint dir (default: latest)")
-    sample.add_argument("--base", action="store_true", help="sample the base (reference) model")
-    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    sample.add_argument("--num", type=int, default=4, help="images per prompt")
-    sample.add_argument("--steps", type=int, default=None, help="ODE steps (default: eval's)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto")
-    sample.add_argument("--output", default="samples.png", help="PNG grid to write")
-    sample.set_defaults(func=run_sample)
+    _add_sample_cli(subparsers)
 
     evaluate = subparsers.add_parser("eval", help="evaluate a run's checkpoint on held-out prompts")
     evaluate.add_argument("--run", required=True, help="training output directory")
@@ -87,26 +77,101 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def run_sample(args: argparse.Namespace) -> int:
+def _add_sample_cli(subparsers: argparse._SubParsersAction) -> None:
+    sample = subparsers.add_parser(
+        "sample", help="reproducible images from a trained run or a LoRA file",
+        description="Sample j of each prompt starts from torch.Generator(device).manual_seed("
+        "SEED + j) through the pipeline's own latent preparation, so the diffusers pipeline "
+        "with the same LoRA, seed, steps and guidance gives the same image.")
+    source = sample.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="training output directory")
+    source.add_argument("--lora", help="pytorch_lora_weights.safetensors (needs --model, "
+                        "--pretrained)")
+    sample.add_argument("--checkpoint", default=None, help="with --run: checkpoint dir "
+                        "(default: latest)")
+    sample.add_argument("--base", action="store_true", help="with --run: the base model")
+    sample.add_argument("--model", default=None, help="with --lora: family (sd3, flux, flux2)")
+    sample.add_argument("--pretrained", default=None, help="with --lora: base pipeline folder "
+                        "or hub id")
+    sample.add_argument("--dtype", default="bf16", help="with --lora: weights dtype")
+    sample.add_argument("--resolution", type=int, default=None, help="with --lora: pixels")
+    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    sample.add_argument("--num", type=int, default=4, help="images per prompt")
+    sample.add_argument("--seed", type=int, default=0, help="sample j of a prompt uses SEED + j")
+    sample.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's "
+                        "eval steps, or the pipeline's default)")
+    sample.add_argument("--guidance", type=float, default=None, help="guidance scale (default: "
+                        "the run's, or the pipeline's default)")
+    sample.add_argument("--reward", default=None, help="score the images with this reward")
+    sample.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--out", default="samples", help="folder for the PNGs, grid.png and "
+                        "samples.jsonl")
+    sample.set_defaults(func=run_sample)
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    from ..errors import FlowdppoError
+
+    problems = [(args.num < 1, f"--num {args.num}: need at least 1 image per prompt"),
+                (args.steps is not None and args.steps < 1, f"--steps {args.steps}: need >= 1"),
+                (args.guidance is not None and args.guidance < 1,
+                 f"--guidance {args.guidance}: must be >= 1 (1 = no guidance)"),
+                (args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1"),
+                (bool(args.lora) and not (args.model and args.pretrained),
+                 "--lora needs --model (sd3, flux, flux2) and --pretrained (the base pipeline)")]
+    for bad, message in problems:
+        if bad:
+            raise FlowdppoError(message)
+
+
+def _sample_source(args: argparse.Namespace):
+    """(model, default steps, default guidance, run config or None) for --run / --lora."""
+    from .inference import load_lora_model, load_policy
+
+    if args.run:
+        loaded = load_policy(Path(args.run), _path(args.checkpoint), args.device, base=args.base)
+        s = loaded.config.sampling
+        return loaded.model, s.eval_num_steps, s.guidance_scale, loaded.config
     import torch
 
-    from ..prompts import PromptItem
-    from .evaluation import EvalResult, sample_ode_with_kl, save_grid
-    from .inference import load_policy
-    from .rollout import NoiseSource
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"resolution": args.resolution} if args.resolution else {}
+    model = load_lora_model(args.model, args.pretrained, Path(args.lora), dtype=args.dtype,
+                            device=device, **kwargs)
+    return (model, getattr(model, "default_num_steps", 28),
+            getattr(model, "default_guidance_scale", 1.0), None)
 
-    loaded = load_policy(Path(args.run), _path(args.checkpoint), args.device, base=args.base)
-    cfg, model = loaded.config, loaded.model
-    items = [PromptItem(p) for p in args.prompt for _ in range(args.num)]
-    prompts = [i.prompt for i in items]
-    steps = args.steps or cfg.sampling.eval_num_steps
-    noise = NoiseSource(args.seed, 0, len(prompts), 0, len(prompts))
-    images, _ = sample_ode_with_kl(model, prompts, model.sigmas(steps).cpu(), noise,
-                                   cfg.sampling.guidance_scale, None)
-    result = EvalResult(images.float().cpu(), prompts, {"index": torch.arange(len(prompts)).float()}, {})
-    save_grid(result, Path(args.output), "index", samples_per_prompt=args.num, max_cols=args.num,
-              max_rows=len(args.prompt))
-    print(f"wrote {args.output}")
+
+def _score(name: str, images, prompts: list[str], cfg, device) -> list[float]:
+    """``name``'s scores; its kwargs are the run's when the run trained with that reward."""
+    from ..rewards import build_reward
+
+    items = cfg.rewards.items if cfg is not None else []
+    kwargs = next((dict(i.kwargs) for i in items if i.name == name), {})
+    kwargs.setdefault("device", str(device))
+    values, _ = build_reward(name, **kwargs)(images, prompts, [{} for _ in prompts])
+    return [float(v) for v in values]
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from .inference import sample_images, seeded_noise
+    from .sample_files import SampleSheet, write_samples
+
+    _check_sample_args(args)
+    model, steps, guidance, cfg = _sample_source(args)
+    steps, guidance = args.steps or steps, args.guidance or guidance
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    seeds = [args.seed + j for _ in args.prompt for j in range(args.num)]
+    images = sample_images(model, prompts, seeded_noise(model, seeds), steps, guidance,
+                           args.batch_size)
+    rewards = ({args.reward: _score(args.reward, images, prompts, cfg, model.device)}
+               if args.reward else {})
+    sheet = SampleSheet(images, prompts, seeds, steps, guidance, rewards)
+    files = write_samples(sheet, Path(args.out))
+    print(f"wrote {len(files)} images, grid.png and samples.jsonl to {args.out}")
     return 0
 
 

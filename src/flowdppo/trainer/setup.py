@@ -86,8 +86,11 @@ def resolve_pretrained(pretrained: str) -> str:
 
 
 def load_model(cfg: RunConfig, device: torch.device) -> FlowModel:
-    model = build_model(cfg.model.name, pretrained=resolve_pretrained(cfg.model.pretrained),
-                        dtype=cfg.model.dtype, device=str(device), **cfg.model.kwargs)
+    from ..models.pipeline_checks import loading_progress
+
+    with loading_progress(cfg.logging.progress_bar):  # diffusers' loading bars follow ours
+        model = build_model(cfg.model.name, pretrained=resolve_pretrained(cfg.model.pretrained),
+                            dtype=cfg.model.dtype, device=str(device), **cfg.model.kwargs)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     # Eval mode always: no dropout, so the replayed mean equals the rollout's (r = 1).
