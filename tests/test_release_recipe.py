@@ -21,7 +21,8 @@ def test_release_recipe_has_the_release_values():
     assert (run.dynamics, s.noise_level, s.num_steps) == ("flow_sde", 0.7, 10)
     assert s.guidance_scale == 1.0  # CFG-free: no CFG batch
     assert (s.group_size, s.num_groups, run.samples_per_iteration) == (16, 48, 768)
-    assert (run.trained_steps, run.window_first, run.window_stop) == (3, 0, 5)
+    sde = run.sde_steps
+    assert (sde.mode, sde.count, sde.first, sde.stop) == ("random", 3, 0, 5)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 64.0, 0.0)
     assert len(cfg.lora.target_modules) == 8
     o = cfg.optim

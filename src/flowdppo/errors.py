@@ -32,5 +32,5 @@ class RemoteRewardError(FlowdppoError, RuntimeError):
     """
 
 
-class RewardsExhaustedError(RuntimeError):
+class RewardsExhaustedError(FlowdppoError, RuntimeError):
     """Every image of several consecutive iterations was dropped for a non-finite reward."""
