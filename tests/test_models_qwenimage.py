@@ -119,7 +119,7 @@ def test_tiny_recipe_trains_and_exports_a_loadable_lora(tmp_path, caplog):
 def test_errors():
     with pytest.raises(ValueError, match="negative_prompt"):
         QwenImageModel.from_pipeline(make(SPEC).pipe, resolution=64, negative_prompt=None)
-    with pytest.raises(ValueError, match="resolution=40"):
+    with pytest.raises(ValueError, match=r"resolution`=40: qwenimage needs a positive multiple of 16"):
         QwenImageModel.from_pipeline(make(SPEC).pipe, resolution=40)
 
 
@@ -134,7 +134,7 @@ def test_recipe_carries_the_anchor_settings_and_runs_with_a_tiny_model(tmp_path)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr) == (64, 128.0, 3e-4)
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.group_size) == \
         (10, 4.0, 16)
-    assert (run.trained_steps, run.window_first, run.window_stop) == (2, 0, 5)
+    assert (run.sde_steps.count, run.sde_steps.first, run.sde_steps.stop) == (2, 0, 5)
     assert cfg.model.gradient_checkpointing and run.hparams.threshold == 1e-7
     trainer = run_recipe_with_a_tiny_model(SPEC, "qwenimage_dppo", tmp_path / "run")
     assert trainer.model.negative_prompt == " "

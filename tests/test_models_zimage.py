@@ -106,5 +106,5 @@ def test_recipe_carries_the_anchor_settings_and_runs_with_a_tiny_model(tmp_path)
     assert (cfg.model.name, cfg.model.pretrained) == ("zimage", "Tongyi-MAI/Z-Image")
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr) == (64, 128.0, 3e-4)
     assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale) == (10, 5.0)  # pipeline g = 4
-    assert (run.trained_steps, run.window_first, run.window_stop) == (1, 1, 4)  # steps 1-3
+    assert (run.sde_steps.count, run.sde_steps.first, run.sde_steps.stop) == (1, 1, 4)  # steps 1-3
     run_recipe_with_a_tiny_model(SPEC, "zimage_dppo", tmp_path / "run")

@@ -27,7 +27,7 @@ def test_lag_zero_is_the_on_policy_run(tiny_base, tmp_path):
     lag0 = _trainer(tiny_base, tmp_path / "lag0", "train.policy_lag=0")
     for it in range(2):
         assert _strip(lag0.iteration(it)) == _strip(default.iteration(it))
-    assert not lag0.lagged
+    assert not lag0.lag.history
 
 
 def test_lagged_rollouts_come_from_the_older_policy(tiny_base, tmp_path):
@@ -39,11 +39,11 @@ def test_lagged_rollouts_come_from_the_older_policy(tiny_base, tmp_path):
     first = lagged.iteration(0)
     assert first["kl_old_new_max"] < 1e-10  # theta_0 sampled and theta_0 is live: on policy
     plan = lagged.plan(1)
-    lagged._advance_lag()  # what iteration(1) does first
+    lagged.lag.advance()  # what iteration(1) does first
     rollout, _, _ = lagged.rollout(1, plan)
     reference, _, _ = fresh.rollout(1, fresh.plan(1))
     assert torch.equal(rollout.latents, reference.latents)
-    assert len(lagged.lagged) == 2  # theta_0 (sampling now) and theta_1
+    assert len(lagged.lag.history) == 2  # theta_0 (sampling now) and theta_1
 
     stale = _trainer(tiny_base, tmp_path / "stale", "train.policy_lag=1")
     stale.iteration(0)

@@ -279,7 +279,9 @@ class DiffusersFlowModel(FlowModel):
         self._cache = PromptCache(prompt_cache_size)
         self._negative: Conditioning | None = None
         self._init_family(**options)
-        self._check_resolution(self.resolution, pipe.transformer.config, pipe.vae_scale_factor)
+        # Video pipelines name their spatial factor apart from the temporal one.
+        factor = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial
+        self._check_resolution(self.resolution, pipe.transformer.config, factor)
         self.latent_shape = self._latent_shape(self.resolution)
 
     def _init_family(self, **options: Any) -> None:
@@ -397,7 +399,11 @@ class DiffusersFlowModel(FlowModel):
         raise NotImplementedError
 
     def _prepare_latents(self, batch: int, generator: torch.Generator | None) -> Tensor:
-        raise NotImplementedError
+        """Default: standard normal latents in the adapter's layout, drawn in the weights'
+        dtype (what diffusers' ``randn_tensor`` does for an unpacked latent); families whose
+        pipeline packs or orders its noise otherwise override this."""
+        return torch.randn((batch, *self.latent_shape), generator=generator, device=self.device,
+                           dtype=self._weight_dtype)
 
     def _forward(self, x: Tensor, t: Tensor, tensors: dict[str, Tensor],
                  guidance_scale: float) -> Tensor:

@@ -75,7 +75,6 @@ class QwenImageModel(NegativePromptModel):
 
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = self.pipe.vae_scale_factor
-        self._check_resolution(2 * factor)  # 2x2 packing on top of the VAE's factor
         side = resolution // factor
         return (self.pipe.transformer.config.in_channels // 4, side, side)
 

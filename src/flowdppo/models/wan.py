@@ -105,6 +105,10 @@ class WanModel(NegativePromptModel):
         first parameter's dtype is not it)."""
         return self._weight_dtype
 
+    @classmethod
+    def _check_resolution(cls, resolution: int, transformer_config: Any, vae_factor: int) -> None:
+        """Wan checks its height and width (not one square side) in ``_latent_shape``."""
+
     def _latent_shape(self, resolution: int) -> tuple[int, int, int, int]:
         spatial = self.pipe.vae_scale_factor_spatial
         multiple = spatial * self.pipe.transformer.config.patch_size[1]

@@ -62,7 +62,6 @@ class ZImageModel(NegativePromptModel):
 
     def _latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = self.pipe.vae_scale_factor
-        self._check_resolution(2 * factor)  # 2x2 patches on top of the VAE's factor
         side = resolution // factor
         return (self.pipe.transformer.in_channels, side, side)
 

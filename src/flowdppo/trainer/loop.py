@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import yaml
 from torch import Tensor
 
 from .. import STARTED_AT
-from ..advantages import compute_advantages
 from ..config import ResolvedRun, to_dict
 from ..dynamics import get_dynamics
 from ..errors import RewardsExhaustedError
@@ -41,27 +39,19 @@ from .evaluation import EvalContext, evaluate_run, save_grid
 from .logging import RunLogger, truncate_jsonl
 from .policy import (
     ParamSnapshot,
+    PolicyLag,
     ReferencePolicy,
     apply_trainable,
     trainable_named_parameters,
     unwrap,
 )
-from .rollout import NoiseSource, Rollout, choose_sde_steps, sample_rollout
+from .rollout import NoiseSource, Plan, Rollout, make_plan, sample_rollout
+from .scoring import reward_row, score_rollout
 from .update import Updater, UpdateSettings
 
 logger = logging.getLogger(__name__)
 # Tests set this to simulate a kill (exit 137, no cleanup) after that iteration.
 _EXIT_AFTER_ITERATION = int(os.environ.get("FLOWDPPO_TEST_EXIT_AFTER_ITERATION", "0"))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What iteration ``it`` samples, identical on every process."""
-
-    prompts: list[str]  # global batch, group-major
-    metadata: list[dict[str, Any]]
-    group_ids: Tensor  # (B_global,)
-    trained_steps: list[int]  # the S trained step indices (or forward-process time indices)
 
 
 class Trainer:
@@ -96,7 +86,7 @@ class Trainer:
         self.forward_kind = resolved.algorithm.kind == "forward"
         self.old_policy = ParamSnapshot(self.params) if self.forward_kind else None
         self.ema = ParamSnapshot(self.params) if cfg.train.ema_decay > 0 else None
-        self.lagged: list[ParamSnapshot] = []  # policies of the last `policy_lag` iterations
+        self.lag = PolicyLag(self.params, cfg.train.policy_lag)
         self.eval_context = EvalContext(
             self.accelerator, self.model, self.prompts.eval[: cfg.eval.max_prompts], self.rewards,
             self.monitors, self.reference,
@@ -113,15 +103,7 @@ class Trainer:
     # -- phases ---------------------------------------------------------------------------
 
     def plan(self, it: int) -> Plan:
-        s, cfg = self.cfg.sampling, self.cfg
-        generator = torch.Generator().manual_seed(cfg.seed * 7919 + it)
-        train = self.prompts.train
-        picks = torch.randint(0, len(train), (s.num_groups,), generator=generator).tolist()
-        items = [train[i] for i in picks for _ in range(s.group_size)]
-        group_ids = torch.arange(s.num_groups).repeat_interleave(s.group_size)
-        sde = self.resolved.sde_steps
-        steps = choose_sde_steps(generator, sde.mode, sde.count, sde.first, sde.stop)
-        return Plan([i.prompt for i in items], [dict(i.metadata) for i in items], group_ids, steps)
+        return make_plan(self.cfg, self.resolved.sde_steps, self.prompts.train, it)
 
     def local_slice(self) -> slice:
         per = self.resolved.samples_per_iteration // self.world
@@ -132,9 +114,7 @@ class Trainer:
         ``policy_lag`` iterations before, or the live weights."""
         if self.old_policy is not None:
             return self.old_policy.swapped_in()
-        if self.lagged:
-            return self.lagged[0].swapped_in()
-        return contextlib.nullcontext()
+        return self.lag.sampling_policy()
 
     def rollout(self, it: int, plan: Plan) -> tuple[Rollout, Any, list]:
         """Sample this process's slice in chunks; rewards of a chunk score while the next samples."""
@@ -158,31 +138,14 @@ class Trainer:
 
     def score(self, futures: list, plan: Plan) -> tuple[dict[str, Tensor], Tensor, int]:
         """Global rewards per name, the local advantages and the number of dropped images."""
-        results = [f.result() for f in futures]
-        local = {n: torch.cat([r[0][n] for r in results]) for n in results[0][0]}
-        device = self.accelerator.device
-        rewards = {n: self.accelerator.gather(v.to(device)).cpu() for n, v in local.items()}
-        finite = torch.stack([torch.isfinite(v) for v in rewards.values()]).all(dim=0)
-        dropped = int((~finite).sum())
-        if dropped and self.cfg.rewards.nonfinite == "error":
-            bad = [n for n, v in rewards.items() if not torch.isfinite(v).all()]
-            raise ValueError(f"non-finite rewards from {bad} for {dropped} images; fix the reward "
-                             "or set `rewards.nonfinite: drop` to drop such images (counted in metrics)")
-        advantages = torch.zeros(len(plan.prompts))
-        keep = finite.nonzero().squeeze(1)
-        if len(keep):
-            adv = self.cfg.advantages
-            advantages[keep] = compute_advantages(
-                {n: v[keep] for n, v in rewards.items()}, self.rewards.weights,
-                plan.group_ids[keep], mode=adv.mode, std_scope=adv.std_scope, clip=adv.clip)
-        advantages[~finite] = float("nan")  # marks dropped images; never reaches a loss
+        rewards, advantages, dropped = score_rollout(self.accelerator, futures, plan, self.cfg,
+                                                     self.rewards.weights)
         return rewards, advantages[self.local_slice()], dropped
 
     def batch_source(self, it: int, rollout: Rollout, cond, advantages: Tensor,
                      plan: Plan) -> BatchSource:
         forward_inputs = self._forward_inputs(it, plan) if self.forward_kind else None
-        old = self.old_policy.swapped_in if self.old_policy is not None else (
-            self.lagged[0].swapped_in if self.lagged else None)
+        old = self.old_policy.swapped_in if self.old_policy is not None else self.lag.factory()
         return BatchSource(self.model, self.dynamics, rollout, cond,
                            advantages.to(self.accelerator.device),
                            self.cfg.sampling.guidance_scale, self.accelerator.autocast,
@@ -209,17 +172,10 @@ class Trainer:
         write_means(mean_ref, entries, means)
         return dataclasses.replace(rollout, mean_ref=mean_ref)
 
-    def _advance_lag(self) -> None:
-        """Remember the policy that starts this iteration; keep the last ``policy_lag`` + 1."""
-        lag = self.cfg.train.policy_lag
-        if lag > 0:
-            self.lagged.append(ParamSnapshot(self.params))
-            del self.lagged[: max(0, len(self.lagged) - lag - 1)]
-
     # -- the loop -------------------------------------------------------------------------
 
     def iteration(self, it: int) -> dict[str, Any]:
-        self._advance_lag()
+        self.lag.advance()
         plan = self.plan(it)
         start = time.perf_counter()
         rollout, cond, futures = self.rollout(it, plan)
@@ -236,7 +192,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed * 104_729 + it)
         # A lagged rollout's means are the older policy's: the live forward must not replace them.
         metrics = self.updater.update(source, len(plan.trained_steps), generator,
-                                      record_old=not self.lagged)
+                                      record_old=not self.lag.active)
         self._after_update()
         row: dict[str, Any] = {"step": it + 1, **reward_row(rewards, self.rewards.weights, dropped)}
         row.update(metrics)
@@ -381,15 +337,3 @@ class Trainer:
                 truncate_jsonl(self.output_dir / name, state.step)
         logger.info("resumed from %s at iteration %d", path, state.step)
 
-
-def reward_row(rewards: dict[str, Tensor], weights: dict[str, float], dropped: int) -> dict[str, Any]:
-    """The iteration's reward columns: the weighted combination and each reward (finite only)."""
-    combined = sum(weights[n] * v for n, v in rewards.items())
-    finite = torch.isfinite(combined)
-    row: dict[str, Any] = {
-        "reward_mean": float(combined[finite].mean()) if finite.any() else float("nan"),
-        "reward_std": float(combined[finite].std()) if finite.sum() > 1 else 0.0}
-    for name, values in rewards.items():
-        row[f"reward_{name}"] = float(values[torch.isfinite(values)].mean())
-    row["reward_num_nonfinite"] = dropped
-    return row

@@ -116,3 +116,30 @@ class ParamSnapshot:
     def load_state_dict(self, values: dict[str, Tensor]) -> None:
         for name, value in values.items():
             self.values[name].copy_(value)
+
+
+class PolicyLag:
+    """The policies of the last ``lag`` iterations, for training on stale rollouts
+    (``train.policy_lag``): iteration ``it`` samples with the weights that started
+    iteration ``it - lag`` (the initial weights while ``it < lag``)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], lag: int) -> None:
+        self.params, self.lag = params, lag
+        self.history: list[ParamSnapshot] = []
+
+    @property
+    def active(self) -> bool:
+        return self.lag > 0
+
+    def advance(self) -> None:
+        """Remember the weights that start this iteration; keep the last ``lag + 1``."""
+        if self.active:
+            self.history.append(ParamSnapshot(self.params))
+            del self.history[: max(0, len(self.history) - self.lag - 1)]
+
+    def factory(self):
+        """A context factory swapping the sampling policy in, or ``None`` when on-policy."""
+        return self.history[0].swapped_in if self.history else None
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager:
+        return self.history[0].swapped_in() if self.history else contextlib.nullcontext()

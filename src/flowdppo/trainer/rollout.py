@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,6 +68,30 @@ class NoiseSource:
         """Rows ``[start, stop)`` of this slice (for sampling in chunks)."""
         return NoiseSource(self.seed, self.stream, self.global_batch, self.start + start,
                            self.start + stop)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What iteration ``it`` samples, identical on every process."""
+
+    prompts: list[str]  # global batch, group-major
+    metadata: list[dict[str, Any]]
+    group_ids: Tensor  # (B_global,)
+    trained_steps: list[int]  # the S trained step indices (or forward-process time indices)
+
+
+def make_plan(cfg, sde_steps, train_prompts: Sequence, it: int) -> Plan:
+    """Iteration ``it``'s prompts (``num_groups`` drawn, each ``group_size`` times) and its
+    trained steps, from a generator keyed by (seed, it): identical on every process and
+    after a resume. ``cfg`` is the run config, ``sde_steps`` the resolved step plan."""
+    s = cfg.sampling
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+    picks = torch.randint(0, len(train_prompts), (s.num_groups,), generator=generator).tolist()
+    items = [train_prompts[i] for i in picks for _ in range(s.group_size)]
+    group_ids = torch.arange(s.num_groups).repeat_interleave(s.group_size)
+    steps = choose_sde_steps(generator, sde_steps.mode, sde_steps.count, sde_steps.first,
+                             sde_steps.stop)
+    return Plan([i.prompt for i in items], [dict(i.metadata) for i in items], group_ids, steps)
 
 
 @dataclass(frozen=True)
