@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowdppo {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RemoteRewardError as err:
-        # A failing reward server: one line too; checkpoints already written are intact.
-        print(f"flowdppo {args.command}: error: {err}. Checkpoints written before the failure "
-              "are kept; continue with `flowdppo train --resume <output-dir>`.", file=sys.stderr)
+        # A failing reward server: one line too. `train` adds what its run directory holds
+        # (resume from a checkpoint, or start again when none was written).
+        print(f"flowdppo {args.command}: error: {err}", file=sys.stderr)
         return 1
 
 
