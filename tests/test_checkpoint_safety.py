@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+import flowdppo
 from flowdppo.cli import main
 from flowdppo.trainer import checkpoint
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(flowdppo.__file__).resolve().parent  # the package under test
 
 
 def tiny(base: Path, iterations: int = 2) -> list[str]:
