@@ -140,7 +140,8 @@ def test_a_planted_pickle_runs_nothing_on_resume(planted, finished_run, tmp_path
     err = capsys.readouterr().err
     assert not marker.exists()
     assert f"step_000002/{planted}: refused to load" in err
-    assert "could run code" in err and "Traceback" not in err
+    assert "could run code" in err and "it asks to call io.open" in err
+    assert "Traceback" not in err
     assert [r["step"] for r in rows(run / "metrics.jsonl")] == [1, 2]  # nothing was changed
 
 
@@ -212,3 +213,14 @@ def test_the_latest_pointer_missing_or_outside_the_run(finished_run, tmp_path, c
         (root / "latest").write_text(outside)
         with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of this run"):
             checkpoint.latest_checkpoint(root)
+
+
+def test_a_damaged_earlier_format_file_is_named_without_unsafe_advice(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    ckpt = run / "checkpoints" / "step_000002"
+    to_earlier_format(ckpt)
+    (ckpt / "optimizer.pt").write_bytes(b"xx")
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.load_checkpoint(ckpt)
+    assert "step_000002/optimizer.pt: damaged" in str(caught.value)
+    assert "weights_only" not in str(caught.value)  # torch's text would suggest =False

@@ -202,8 +202,13 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
         return reader(path)
     except UnsafeFileError as err:
         raise CheckpointError(str(err)) from err
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from err
     except Exception as err:  # safetensors, json and torch each raise their own types
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        if not text.startswith(str(path)):
+            text = f"{path}: unreadable ({type(err).__name__}: {text})"
+        raise CheckpointError(text) from err
 
 
 def _load_optimizer(path: Path, fmt: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +167,17 @@ def load_legacy(path: Path, rng: bool) -> Any:
         with torch.serialization.safe_globals(allowed):
             value = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        if "weights_only" in str(err) or "Unsupported" in str(err):
-            raise UnsafeFileError(
-                f"{path}: refused to load: it holds objects other than tensors and plain data, "
-                "so reading it could run code. flowdppo never writes such objects: the file was "
-                "altered or does not come from flowdppo. Resume from a checkpoint you trust "
-                f"(--resume-from step_N) or start a new run ({_first_line(err)})") from err
-        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)})") from err
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))  # a class or function to call
+        if refused is None and "Weights only load failed" in str(err):
+            # torch's text suggests weights_only=False: never; say what is wrong instead
+            raise ValueError(f"{path}: damaged (not a torch file flowdppo wrote)") from err
+        if refused is None:
+            raise  # damaged or missing: the caller names the file
+        raise UnsafeFileError(
+            f"{path}: refused to load: it asks to call {refused.group(1)}, which is not a "
+            "tensor or plain data, so reading it could run code. flowdppo never writes such "
+            "objects: the file was altered or does not come from flowdppo. Resume from a "
+            "checkpoint you trust (--resume-from step_N) or start a new run") from err
     return _legacy_rng(value, path) if rng else value
 
 
@@ -196,7 +201,3 @@ def _numpy_array_globals() -> list:
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
