@@ -169,7 +169,7 @@ def load_legacy(path: Path, rng: bool) -> Any:
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         refused = re.search(r"GLOBAL ([\w.]+)", str(err))  # a class or function to call
         if refused is None and "Weights only load failed" in str(err):
-            # torch's text suggests weights_only=False: never; say what is wrong instead
+            # torch's text advises turning the safe mode off: never; say what is wrong
             raise ValueError(f"{path}: damaged (not a torch file flowdppo wrote)") from err
         if refused is None:
             raise  # damaged or missing: the caller names the file
