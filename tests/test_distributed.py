@@ -160,12 +160,10 @@ def test_a_process_with_fewer_samples_than_minibatches_keeps_in_step(tiny_base, 
 
 
 def _checkpoint(run: Path, step: int) -> tuple[dict, dict]:
-    import torch
-    from safetensors.torch import load_file
+    from flowdppo.trainer.checkpoint import load_checkpoint
 
-    path = run / "checkpoints" / f"step_{step:06d}"
-    return (load_file(str(path / "trainable.safetensors")),
-            torch.load(path / "optimizer.pt", weights_only=False)["optimizer"])
+    state = load_checkpoint(run / "checkpoints" / f"step_{step:06d}")
+    return state.trainable, state.optimizer["optimizer"]
 
 
 @pytest.mark.slow

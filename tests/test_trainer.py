@@ -112,7 +112,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_base, tmp_path, m
     def broken_save(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)  # the first file a checkpoint writes
     with pytest.raises(OSError, match="disk full"):
         trainer.save(2)
     assert (root / "latest").read_text() == good

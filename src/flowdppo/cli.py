@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RemoteRewardError as err:
-        # A failing reward server: checkpoints already written are intact.
-        _report(args, f"{err}. Checkpoints written before the failure are kept; continue with "
-                "`flowdppo train --resume <output-dir>`.")
+        # A failing reward server: one line too. `train` adds what its run directory holds
+        # (resume from a checkpoint, or start again when none was written).
+        _report(args, str(err))
         return 1
     except (FlowdppoError, ValueError) as err:
         # User errors (ours, and configuration ValueErrors): one clear line, no traceback.

@@ -151,7 +151,7 @@ class AlgorithmConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
-    output_dir: str = "runs/toy_dppo"
+    output_dir: str | None = None  # run directory; None = runs/<recipe>__seed<seed>__<time>
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest for the toy model
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

@@ -206,6 +206,9 @@ def resolve(cfg: RunConfig, world_size: int = 1, device_type: str | None = None)
     _check(cfg.train.num_iterations >= 1, "`train.num_iterations` must be >= 1")
     _check(0.0 <= cfg.train.ema_decay < 1.0, "`train.ema_decay` must lie in [0, 1)")
     _check(cfg.checkpoint.keep_last >= 1, "`checkpoint.keep_last` must be >= 1")
+    _check(cfg.checkpoint.every >= 1, f"`checkpoint.every`={cfg.checkpoint.every}: must be >= 1 "
+           "(iterations between checkpoints; the last iteration always writes one, so "
+           "`checkpoint.every` >= `train.num_iterations` checkpoints only at the end)")
     _check_rewards(cfg)
     _check_model(cfg)
     params = {"flow_sde": {"noise_level": cfg.sampling.noise_level},

@@ -33,9 +33,18 @@ def recipe_path(name_or_path: str) -> Path:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="RL fine-tuning (default: the toy DPPO recipe)")
     train.add_argument("--config", default=None, help=f"recipe YAML or name (default {DEFAULT_RECIPE})")
-    train.add_argument("--output-dir", default=None, help="run directory (default from the recipe)")
+    train.add_argument("--output-dir", default=None,
+                       help="run directory (default: the config's output_dir, else a new "
+                       "runs/<recipe>__seed<seed>__<YYYYmmdd-HHMMSS>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. train.lr=1e-4")
+    train.add_argument("--resume-from", default=None, metavar="STEP",
+                       help="with --resume: the checkpoint to continue from (step_N or N; "
+                       "default: the latest, else the previous complete one); newer ones are "
+                       "set aside as abandoned-step_N")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the finished or abandoned run in --output-dir (deletes "
+                       "only what a run writes; a folder with other files is refused)")
+    train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.lr=1e-4")
     train.set_defaults(func=run_train)
 
     _add_sample_cli(subparsers)
@@ -50,25 +59,71 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..config import load_config, resolve
+    from ..errors import RemoteRewardError
     from .loop import Trainer
+    from .run_dir import resume_hint
 
+    resolved, output_dir = _train_config(args)
+    _prepare_run_dir(args, output_dir)
+    trainer = Trainer(resolved, output_dir, resume=bool(args.resume))
+    try:
+        trainer.run()
+    except RemoteRewardError as err:
+        raise RemoteRewardError(f"{err}. {resume_hint(output_dir)}") from err
+    if trainer.main:
+        print(f"run written to {output_dir}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The validated run and its directory: a resumed run's saved config plus the overrides
+    it may take, or the recipe plus overrides in ``--output-dir`` / the config's
+    ``output_dir`` / a new ``runs/<recipe>__seed<seed>__<time>`` (created only once the
+    config is valid)."""
+    from ..config import load_config, resolve, to_dict
+    from .run_dir import check_resume_changes, default_output_dir
+
+    if args.resume_from and not args.resume:
+        raise ValueError("--resume-from needs --resume DIR (the run to continue)")
     if args.resume:
+        if args.overwrite or args.output_dir:
+            raise ValueError("--resume continues the run in its own folder: drop --overwrite "
+                             "and --output-dir")
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ValueError(f"--resume {run_dir}: no run there (config.yaml missing)")
         cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
-        output_dir = run_dir
-    else:
-        cfg = load_config(str(recipe_path(args.config or DEFAULT_RECIPE)), args.overrides)
-        output_dir = Path(args.output_dir or cfg.output_dir)
-    cfg.output_dir = str(output_dir)
+        saved = load_config(str(run_dir / "config.yaml"))
+        check_resume_changes(run_dir, to_dict(saved), to_dict(cfg))
+        cfg.output_dir = str(run_dir)
+        return resolve(cfg, world_size=_world_size()), run_dir
+    recipe = recipe_path(args.config or DEFAULT_RECIPE)
+    cfg = load_config(str(recipe), args.overrides)
+    chosen = args.output_dir or cfg.output_dir
+    if chosen is None and _world_size() > 1:
+        raise ValueError("a multi-process launch needs --output-dir (every process must name "
+                         "the same run directory)")
     resolved = resolve(cfg, world_size=_world_size())
-    trainer = Trainer(resolved, output_dir, resume=bool(args.resume))
-    trainer.run()
-    if trainer.main:
-        print(f"run written to {output_dir}")
-    return 0
+    output_dir = Path(chosen) if chosen else default_output_dir(recipe.stem, cfg.seed)
+    cfg.output_dir = str(output_dir)
+    return resolved, output_dir
+
+
+def _prepare_run_dir(args: argparse.Namespace, output_dir: Path) -> None:
+    """``--overwrite`` / ``--resume-from`` on disk, by the main process only (before the
+    trainer: its first collective orders the other processes after this)."""
+    import os
+
+    from .checkpoint import rewind
+    from .run_dir import clear_run
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if args.overwrite:
+        clear_run(output_dir)
+    if args.resume_from:
+        step = rewind(output_dir / "checkpoints", args.resume_from)
+        logger.info("--resume-from: continuing %s from step %d", output_dir, step)
 
 
 def _world_size() -> int:

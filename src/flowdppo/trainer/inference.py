@@ -78,7 +78,7 @@ def load_policy(run_dir: Path, checkpoint: Path | None = None, device: str = "au
     model = setup.load_model(cfg, torch_device)
     apply_trainable(model, cfg.lora, cfg.seed)
     if checkpoint is not None and not base:
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, trainable_only=True)  # never optimizer or RNG state
         params = trainable_named_parameters(model.transformer)
         with torch.no_grad():
             for name, param in params.items():

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_text_atomic
+from .run_dir import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,24 @@ class RunLogger:
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep rows with ``step <= max_step`` (resume: drop rows written after the checkpoint)."""
+    """Keep rows with ``step <= max_step`` (resume: drop rows written after the checkpoint).
+
+    A torn last line (the process died, or the disk filled, mid-write) is dropped with a
+    warning naming the file; a damaged line before the last one is an error naming it.
+    """
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= max_step]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if position < len(lines) - 1:
+                raise ValueError(f"{path}, line {number}: not a JSON row with a step ({err}); "
+                                 "fix or delete that line, then resume again") from err
+            logger.warning("%s: dropping its torn last line %d (%s)", path, number, err)
+            continue
+        if step <= max_step:
+            rows.append(line)
     write_text_atomic(path, "".join(row + "\n" for row in rows))

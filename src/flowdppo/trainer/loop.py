@@ -26,17 +26,9 @@ from ..dynamics import get_dynamics
 from ..errors import RewardsExhaustedError
 from . import checkpoint, setup
 from .batches import BatchSource, entries_for, means_at_entries, write_means
-from .checkpoint import (
-    CheckpointState,
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    write_text_atomic,
-)
+from .checkpoint import write_text_atomic
 from .evaluation import EvalContext, evaluate_run, save_grid
-from .logging import RunLogger, truncate_jsonl
+from .logging import RunLogger
 from .policy import (
     ParamSnapshot,
     PolicyLag,
@@ -282,58 +274,13 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
 
     def save(self, step: int) -> None:
-        """Every process gathers (FSDP and DeepSpeed hold shards), the main one writes."""
-        self.accelerator.wait_for_everyone()
-        acc, model = self.accelerator, self.model.transformer
-        trainable, optimizer = checkpoint.gather_state(acc, model, self.optimizer, self.params)
-        snapshots = {}
-        for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
-            if snap is not None:
-                with snap.swapped_in():  # sharded like the parameters: gather it the same way
-                    values = checkpoint.gather_params(acc, model, self.params)
-                snapshots.update({prefix + k: v for k, v in values.items()})
-        if not self.main:
-            return
-        state = CheckpointState(
-            step=step, trainable=trainable, snapshots=snapshots,
-            optimizer={"optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
-            rng=rng_state(), extra={"algorithm": self.cfg.algorithm.name})
-        export = (lambda d: self._export_lora(d, trainable)) if self.cfg.lora.enabled else None
-        save_checkpoint(self.output_dir / "checkpoints", state, self.cfg.checkpoint.keep_last, export)
-
-    def _export_lora(self, directory: Path, trainable: dict[str, Tensor]) -> None:
-        from peft.utils import get_peft_model_state_dict
-
-        if str(self.accelerator.distributed_type).endswith("FSDP"):
-            # peft finds the LoRA layers by module name, which FSDP's wrappers change; the
-            # gathered trainable parameters are exactly the adapter's ("default") weights.
-            lora = {k.replace(".default.", "."): v for k, v in trainable.items()}
-        else:
-            lora = get_peft_model_state_dict(unwrap(self.model.transformer))
-        try:
-            self.model.export_lora(lora, directory)
-        except NotImplementedError as err:
-            logger.warning("LoRA export skipped: %s", err)
+        checkpoint.save(self._checkpoint_pieces(), step)
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.output_dir / "checkpoints")
-        if path is None:
-            raise ValueError(f"--resume {self.output_dir}: no complete checkpoint under "
-                             f"{self.output_dir / 'checkpoints'}")
-        state = load_checkpoint(path)
-        acc, model = self.accelerator, self.model.transformer
-        for prefix, snap in (("old_policy.", self.old_policy), ("ema.", self.ema)):
-            if snap is not None:  # through the parameters: under FSDP each process keeps its shard
-                checkpoint.load_params(acc, model, self.params, {
-                    k[len(prefix):]: v for k, v in state.snapshots.items() if k.startswith(prefix)})
-                snap.load_state_dict({n: p.detach() for n, p in self.params.items()})
-        checkpoint.load_state(acc, model, self.optimizer, self.params, state.trainable,
-                              state.optimizer["optimizer"])
-        self.scheduler.load_state_dict(state.optimizer["scheduler"])
-        set_rng_state(state.rng)
-        self.start_iteration = state.step
-        if self.main:
-            for name in ("metrics.jsonl", "eval.jsonl"):
-                truncate_jsonl(self.output_dir / name, state.step)
-        logger.info("resumed from %s at iteration %d", path, state.step)
+        self.start_iteration = checkpoint.resume(self._checkpoint_pieces())
 
+    def _checkpoint_pieces(self) -> checkpoint.RunPieces:
+        return checkpoint.RunPieces(
+            self.accelerator, self.model, self.optimizer, self.scheduler, self.params,
+            {"old_policy.": self.old_policy, "ema.": self.ema, **self.lag.snapshots()},
+            self.cfg, self.output_dir)

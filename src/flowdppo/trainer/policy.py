@@ -125,7 +125,9 @@ class PolicyLag:
 
     def __init__(self, params: dict[str, nn.Parameter], lag: int) -> None:
         self.params, self.lag = params, lag
-        self.history: list[ParamSnapshot] = []
+        # Always lag + 1 entries (the initial weights fill the start): a checkpoint holds
+        # them all and a resume restores the same list.
+        self.history = [ParamSnapshot(params) for _ in range(lag + 1)] if lag > 0 else []
 
     @property
     def active(self) -> bool:
@@ -135,7 +137,11 @@ class PolicyLag:
         """Remember the weights that start this iteration; keep the last ``lag + 1``."""
         if self.active:
             self.history.append(ParamSnapshot(self.params))
-            del self.history[: max(0, len(self.history) - self.lag - 1)]
+            del self.history[0]
+
+    def snapshots(self) -> dict[str, ParamSnapshot]:
+        """The history by checkpoint key prefix (oldest first)."""
+        return {f"lag{j}.": snap for j, snap in enumerate(self.history)}
 
     def factory(self):
         """A context factory swapping the sampling policy in, or ``None`` when on-policy."""

@@ -166,12 +166,7 @@ def make_optimizer(params: list[torch.nn.Parameter], resolved: ResolvedRun):
 
 
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an existing run unless resuming it."""
-    has_run = (output_dir / "config.yaml").is_file()
-    if resume and not has_run:
-        raise ValueError(f"--resume {output_dir}: no run there (config.yaml missing); give the "
-                         "output directory of an earlier run")
-    if not resume and has_run:
-        raise ValueError(f"output directory {output_dir} already holds a run; pass --resume "
-                         f"{output_dir} to continue it or choose another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Refuse a directory that does not suit the run (see :mod:`.run_dir`); create it."""
+    from .run_dir import prepare_output_dir as prepare
+
+    prepare(output_dir, resume)
