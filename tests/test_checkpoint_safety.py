@@ -30,7 +30,7 @@ SRC = Path(flowdppo.__file__).resolve().parent  # the package under test
 def tiny(base: Path, iterations: int = 2) -> list[str]:
     """A seconds-long toy run on ``base`` (a checkpoint every iteration, the last two kept)."""
     return [f"model.pretrained={base}", f"train.num_iterations={iterations}",
-            "sampling.num_steps=4", "sampling.sde_window=2", "sampling.sde_window_range=[0.0, 0.75]",
+            "sampling.num_steps=4", "sampling.sde_steps.count=2", "sampling.sde_steps.range=[0.0, 0.75]",
             "sampling.group_size=3", "sampling.num_groups=2", "sampling.eval_num_steps=3",
             "eval.max_prompts=2", "eval.samples_per_prompt=2", "eval.every=1", "eval.monitors=[]",
             "checkpoint.every=1", "logging.progress_bar=false", "logging.tensorboard=false",
@@ -152,9 +152,9 @@ def test_sample_and_eval_read_only_the_weights(finished_run, tmp_path):
     to_earlier_format(ckpt)
     for planted in ("rng.pt", "optimizer.pt"):
         torch.save(CreatesFile(marker), ckpt / planted)
-    grid = tmp_path / "grid.png"
+    grid = tmp_path / "samples" / "grid.png"
     assert main(["sample", "--run", str(run), "--prompt", "a handwritten seven", "--num", "1",
-                 "--output", str(grid)]) == 0
+                 "--out", str(grid.parent)]) == 0
     assert main(["eval", "--run", str(run), "--output", str(tmp_path / "eval.json")]) == 0
     assert grid.is_file() and not marker.exists()
 

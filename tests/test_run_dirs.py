@@ -24,7 +24,7 @@ from flowdppo.trainer.logging import truncate_jsonl
 def tiny(base: Path, iterations: int = 2, *extra: str) -> list[str]:
     """A seconds-long toy run on ``base`` (a checkpoint every iteration)."""
     return [f"model.pretrained={base}", f"train.num_iterations={iterations}",
-            "sampling.num_steps=4", "sampling.sde_window=2", "sampling.sde_window_range=[0.0, 0.75]",
+            "sampling.num_steps=4", "sampling.sde_steps.count=2", "sampling.sde_steps.range=[0.0, 0.75]",
             "sampling.group_size=3", "sampling.num_groups=2", "sampling.eval_num_steps=3",
             "eval.max_prompts=2", "eval.samples_per_prompt=2", "eval.every=1", "eval.monitors=[]",
             "checkpoint.every=1", "logging.progress_bar=false", "logging.tensorboard=false",

@@ -79,9 +79,11 @@ def _strip_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_metrics(tiny_base, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.policy_lag=2"]], ids=["on_policy", "lag_2"])
+def test_killed_run_resumes_to_the_uninterrupted_metrics(tiny_base, tmp_path, extra):
+    # lag_2: the policies of the last iterations (which sample the next rollouts) come back too.
     overrides = [*tiny_overrides(tiny_base, iterations=4), "checkpoint.every=2", "eval.every=2",
-                 "sampling.num_groups=2"]
+                 "sampling.num_groups=2", *extra]
     full = _train_subprocess(["--output-dir", str(tmp_path / "full"), *overrides])
     assert full.returncode == 0, full.stderr[-2000:]
     # Hard exit (no cleanup, like SIGKILL) right after iteration 3 is logged: between the

@@ -71,9 +71,18 @@ def _translate_renamed(data: dict) -> None:
 def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or the defaults) and apply ``key=value`` overrides, strictly."""
     data = read_yaml(path) if path else {}
-    apply_overrides(data, overrides or [])
     _translate_renamed(data)
+    apply_overrides(data, [_renamed_override(o) for o in overrides or []])
     return from_dict(RunConfig, data)
+
+
+def _renamed_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    new = _RENAMED.get(tuple(key.split(".")))
+    if not sep or new is None:
+        return override
+    logger.warning("`%s` is now `%s`; please rename it", key, ".".join(new))
+    return f"{'.'.join(new)}={value}"
 
 
 def _check(condition: bool, message: str) -> None:

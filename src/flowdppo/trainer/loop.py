@@ -35,7 +35,6 @@ from .policy import (
     ReferencePolicy,
     apply_trainable,
     trainable_named_parameters,
-    unwrap,
 )
 from .rollout import NoiseSource, Plan, Rollout, make_plan, sample_rollout
 from .scoring import reward_row, score_rollout
