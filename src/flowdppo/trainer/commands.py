@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from ..arguments import HelpConfigAction, positive_int
+
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -35,7 +37,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", default=None, help=f"recipe YAML or name (default {DEFAULT_RECIPE})")
     train.add_argument("--output-dir", default=None, help="run directory (default from the recipe)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. train.lr=1e-4")
+    train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.lr=1e-4")
+    train.add_argument("--help-config", action=HelpConfigAction,
+                       help="list every config key with its documentation and exit")
     train.set_defaults(func=run_train)
 
     sample = subparsers.add_parser("sample", help="images from a trained run's checkpoint")
@@ -44,7 +48,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--base", action="store_true", help="sample the base (reference) model")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
-    sample.add_argument("--steps", type=int, default=None, help="ODE steps (default: eval's)")
+    sample.add_argument("--steps", type=positive_int, default=None, help="ODE steps (default: eval's)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--output", default="samples.png", help="PNG grid to write")
