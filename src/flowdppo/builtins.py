@@ -31,9 +31,7 @@ _LOADERS: dict[str, tuple[str, ...]] = {
 
 
 def load(kind: str) -> None:
-    """Import every built-in module that registers entries of ``kind``."""
-    if kind not in _LOADERS:
-        raise ValueError(f"no built-in entries are known for registry kind {kind!r}; "
-                         f"expected one of {sorted(_LOADERS)}")
-    for target in _LOADERS[kind]:
+    """Import every built-in module that registers entries of ``kind`` (none for a kind
+    this package has no built-ins of, e.g. a plug-in's own registry)."""
+    for target in _LOADERS.get(kind, ()):
         _call(target)

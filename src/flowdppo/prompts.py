@@ -1,5 +1,5 @@
 """Prompt sources: a registry of named sources and user files (txt one per line, jsonl with
-metadata). The built-in worlds register their sources from ``flowdppo.builtins``."""
+metadata). Built-in sources register from ``flowdppo.builtins`` (the package top)."""
 
 from __future__ import annotations
 

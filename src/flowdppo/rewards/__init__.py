@@ -1,7 +1,7 @@
 """Rewards and evaluation monitors; built-ins register on first lookup.
 
-The worlds' own rewards (digits, shapes) register from ``flowdppo.builtins``: this layer
-sits below them and does not import them.
+Rewards defined by higher layers (the digits and shapes toy tasks) register from
+``flowdppo.builtins``: this layer sits below them and does not import them.
 """
 
 from __future__ import annotations
