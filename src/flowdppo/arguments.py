@@ -6,6 +6,7 @@ Kept free of heavy imports: the CLI builds every parser at start-up (``flowdppo 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -20,7 +21,7 @@ class HelpConfigAction(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         from .config.docs import format_reference
 
-        parser._print_message(format_reference())
+        parser._print_message(format_reference(), sys.stdout)
         parser.exit()
 
 

@@ -70,13 +70,20 @@ def _schema_docs() -> dict[str, dict[str, tuple[str, str]]]:
 
 def class_doc(cls: type) -> str:
     """The first line of a config dataclass's docstring ('' when it has none)."""
-    doc = cls.__dict__.get("__doc__") or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    doc = (cls.__dict__.get("__doc__") or "").strip()
+    if not doc or doc.startswith(f"{cls.__name__}("):  # the signature dataclass writes
+        return ""
+    return doc.splitlines()[0]
 
 
 def field_doc(cls: type, name: str) -> str:
-    """The documentation of field ``name`` of schema dataclass ``cls`` ('' if undocumented)."""
-    return _schema_docs().get(cls.__name__, {}).get(name, ("", ""))[1]
+    """The documentation of field ``name`` of schema dataclass ``cls`` ('' if undocumented);
+    a section (a dataclass-typed field) is documented by its class docstring."""
+    doc = _schema_docs().get(cls.__name__, {}).get(name, ("", ""))[1]
+    tp = typing.get_type_hints(cls).get(name)
+    if not doc and dataclasses.is_dataclass(tp):
+        return class_doc(tp)
+    return doc
 
 
 def _default(f: dataclasses.Field) -> Any:
