@@ -20,7 +20,7 @@ def main() -> None:
     base, out, threads, *extra = sys.argv[1:]
     torch.set_num_threads(int(threads))
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_overrides
+    from fast_runs import tiny_overrides
     from flowdppo.config import load_config, resolve
     from flowdppo.trainer.commands import RECIPES
     from flowdppo.trainer.loop import Trainer

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import tiny_overrides
+from fast_runs import tiny_overrides
 from flowdppo.cli import main
 from flowdppo.compare.methods import D_PAPER, METHODS
 from flowdppo.compare.report import (

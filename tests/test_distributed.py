@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import tiny_overrides
+from fast_runs import tiny_overrides
 
 LAUNCH = str(Path(__file__).with_name("launch_flowdppo.py"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

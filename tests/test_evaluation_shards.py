@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from fast_runs import tiny_overrides
 from flowdppo.config import load_config, resolve
 from flowdppo.trainer import evaluation
 from flowdppo.trainer.commands import RECIPES

@@ -143,7 +143,7 @@ def test_sample_rejects_a_non_positive_num(num, tmp_path, capsys):
 
 
 def test_toy_run_samples_with_the_seed_rule(tiny_base, tmp_path):
-    from conftest import tiny_overrides
+    from fast_runs import tiny_overrides
 
     run = tmp_path / "toy"
     assert main(["train", "--output-dir", str(run), *tiny_overrides(tiny_base, iterations=1)]) == 0

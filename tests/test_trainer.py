@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from fast_runs import tiny_overrides
 from flowdppo.cli import main
 from flowdppo.config import load_config, resolve
 from flowdppo.rewards import register_reward

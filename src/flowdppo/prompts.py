@@ -1,4 +1,5 @@
-"""Prompt sources: built-in worlds and user files (txt one per line, jsonl with metadata)."""
+"""Prompt sources: a registry of named sources and user files (txt one per line, jsonl with
+metadata). Built-in sources register from ``flowdppo.builtins`` (the package top)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -21,15 +24,13 @@ class PromptSplits:
     eval: list[PromptItem]
 
 
-PROMPT_SOURCES: dict[str, Callable[..., PromptSplits]] = {}
+PROMPT_SOURCES: Registry[Callable[..., PromptSplits]] = Registry(
+    "prompt source", extra_names=("files",))
 
 
 def register_prompts(name: str) -> Callable:
-    def wrap(factory: Callable[..., PromptSplits]) -> Callable[..., PromptSplits]:
-        PROMPT_SOURCES[name] = factory
-        return factory
-
-    return wrap
+    """Decorator registering a prompt source factory ``(**kwargs) -> PromptSplits``."""
+    return PROMPT_SOURCES.register(name)
 
 
 def read_prompt_file(path: str | Path) -> list[PromptItem]:
@@ -62,17 +63,12 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
 def build_prompts(
     source: str, *, train_file: str | None = None, eval_file: str | None = None, **kwargs: Any
 ) -> PromptSplits:
-    """Prompts by source name (a built-in world) or ``"files"`` with train/eval files."""
+    """Prompts by source name (a registered source or ``package.module:factory``), or
+    ``"files"`` with train/eval files."""
     if source == "files":
         if train_file is None:
             raise ValueError("prompts.train_file is required when prompts.source = 'files'")
         train = read_prompt_file(train_file)
         evaluation = read_prompt_file(eval_file) if eval_file else train[: min(len(train), 16)]
         return PromptSplits(train, evaluation)
-    from .worlds import load_builtin_worlds
-
-    load_builtin_worlds()
-    if source not in PROMPT_SOURCES:
-        valid = sorted([*PROMPT_SOURCES, "files"])
-        raise ValueError(f"unknown prompt source {source!r}: expected one of {valid}")
-    return PROMPT_SOURCES[source](**kwargs)
+    return PROMPT_SOURCES.lookup(source)(**kwargs)

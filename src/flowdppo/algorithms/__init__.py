@@ -15,6 +15,10 @@ from .base import (
 )
 from .dppo import dppo_keep_mask
 
+
+def load_builtin_algorithms() -> None:
+    """The built-ins registered when this package was imported; nothing more to load."""
+
 __all__ = [
     "ALGORITHMS",
     "AlgorithmSpec",
@@ -23,5 +27,6 @@ __all__ = [
     "VelocityBatch",
     "dppo_keep_mask",
     "get_algorithm",
+    "load_builtin_algorithms",
     "register_algorithm",
 ]

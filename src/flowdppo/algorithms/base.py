@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from ..registry import Registry
+
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 AlgorithmKind = Literal["likelihood", "forward"]
 
@@ -121,7 +123,19 @@ class AlgorithmSpec:
         return self.loss(batch, **dataclasses.asdict(hparams))
 
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {}
+def _spec_of(value: Any) -> AlgorithmSpec:
+    """The spec a dotted path ``package.module:attr`` names: a spec, or a loss registered
+    with `register_algorithm` (importing the module registered it)."""
+    if isinstance(value, AlgorithmSpec):
+        return value
+    for spec in ALGORITHMS.values():
+        if spec.loss is value:
+            return spec
+    raise ValueError(f"{value!r} is neither an AlgorithmSpec nor a loss decorated with "
+                     "@register_algorithm")
+
+
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm", from_dotted=_spec_of)
 
 
 def register_algorithm(
@@ -130,18 +144,13 @@ def register_algorithm(
     """Decorator registering ``loss`` under ``name``."""
 
     def wrap(loss: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
-        if name in ALGORITHMS:
-            raise ValueError(f"algorithm {name!r} registered twice")
-        ALGORITHMS[name] = AlgorithmSpec(name, kind, hparams, loss, default_dynamics)
+        ALGORITHMS.add(name, AlgorithmSpec(name, kind, hparams, loss, default_dynamics))
         return loss
 
     return wrap
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:
-    """The registered algorithm; an unknown name raises with the sorted valid names."""
-    if name not in ALGORITHMS:
-        hint = difflib.get_close_matches(name, ALGORITHMS, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown algorithm {name!r}: expected one of {sorted(ALGORITHMS)}{extra}")
-    return ALGORITHMS[name]
+    """The registered algorithm (or ``package.module:attr``); an unknown name raises with
+    the sorted valid names."""
+    return ALGORITHMS.lookup(name)

@@ -112,9 +112,9 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-4"`` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
+    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 0.0001); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
@@ -141,9 +141,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if data is None:
+        # Running every schema default by accident (a truncated or wrong file) looks like a
+        # real run; an explicit `{}` still asks for the defaults.
+        raise ConfigError(f"config file {str(path)!r} is empty (or holds only comments); set "
+                          "at least one key, start from a shipped recipe (--config toy_dppo), "
+                          "or write `{}` to run the defaults. Keys: flowdppo train --help-config")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping")
     return data

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 @dataclass
 class ModelConfig:
+    """The flow model adapter and its weights."""
+
     name: str = "toy"  # adapter registry name: toy, sd3, flux, flux2
     pretrained: str = "builtin:digits"  # local dir, hub id (offline cache), builtin:<world> or tiny-random
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # transformer/text-encoder weights
@@ -22,6 +24,8 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    """The LoRA adapter trained on the transformer."""
+
     enabled: bool = True  # False = full fine-tune of the transformer
     rank: int = 8  # LoRA r
     alpha: float = 16.0  # LoRA alpha (scale alpha / r)
@@ -31,6 +35,8 @@ class LoraConfig:
 
 @dataclass
 class PromptConfig:
+    """Where training and evaluation prompts come from."""
+
     source: str = "digits"  # built-in world name or "files"
     train_file: str | None = None  # .txt or .jsonl when source = files
     eval_file: str | None = None  # .txt or .jsonl when source = files
@@ -51,6 +57,8 @@ class SdeStepsConfig:
 
 @dataclass
 class SamplingConfig:
+    """Rollouts: the sampler, its trained steps and the batch of images per iteration."""
+
     num_steps: int = 10  # sampler steps K of a rollout
     dynamics: Literal["flow_sde", "cps", "ode"] | None = None  # None = the algorithm's own
     noise_level: float = 0.7  # Flow-SDE a
@@ -65,6 +73,8 @@ class SamplingConfig:
 
 @dataclass
 class RewardItem:
+    """One reward (or monitor) by name, with its weight and factory arguments."""
+
     name: str = "digit_label"  # reward registry name
     weight: float = 1.0  # weight in the combined reward / advantage
     kwargs: dict[str, Any] = field(default_factory=dict)  # reward factory arguments
@@ -72,7 +82,9 @@ class RewardItem:
 
 @dataclass
 class RewardConfig:
-    items: list[RewardItem] = field(default_factory=lambda: [RewardItem()])
+    """The rewards a run optimises and how their failures are handled."""
+
+    items: list[RewardItem] = field(default_factory=lambda: [RewardItem()])  # rewards (at least one)
     nonfinite: Literal["error", "drop"] = "error"  # a NaN/inf reward raises, or drops that image
     max_empty_iterations: int = 3  # stop after this many consecutive iterations with every image dropped
     async_workers: int = 1  # threads scoring rewards while the next rollout samples (0 = inline)
@@ -80,6 +92,8 @@ class RewardConfig:
 
 @dataclass
 class AdvantageConfig:
+    """Group-normalised advantages from the rewards."""
+
     mode: Literal["weighted_sum", "gdpo"] = "weighted_sum"  # how several rewards combine
     std_scope: Literal["global", "group"] = "global"  # std for normalisation
     clip: float = 5.0  # advantages clipped to [-clip, clip]
@@ -87,17 +101,21 @@ class AdvantageConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
     lr: float = 3e-4  # AdamW learning rate
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_iterations: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # lr after warm-up: flat, cosine or linear to 0
+    warmup_iterations: int = 0  # iterations of linear lr warm-up from 0
 
 
 @dataclass
 class TrainConfig:
+    """The RL loop: iterations, passes over each rollout and micro-batching."""
+
     num_iterations: int = 60  # rollouts
     num_updates: int = 1  # passes over each rollout (inner epochs)
     minibatches_per_pass: int = 1  # optimizer steps per pass
@@ -120,6 +138,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation (ODE samples scored by the rewards and monitors)."""
+
     every: int = 10  # iterations between evaluations (0 = only at start and end)
     samples_per_prompt: int = 4  # images per held-out prompt
     max_prompts: int = 20  # held-out prompts used
@@ -130,31 +150,39 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints for --resume."""
+
     every: int = 20  # iterations between checkpoints (a final one is always written)
     keep_last: int = 2  # older checkpoints are deleted
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "flowdppo"
-    progress_bar: bool = True
+    """Where metrics go besides metrics.jsonl / eval.jsonl."""
+
+    tensorboard: bool = True  # write TensorBoard events to <output_dir>/tensorboard
+    wandb: bool = False  # log to Weights & Biases (needs wandb installed)
+    wandb_project: str = "flowdppo"  # W&B project name
+    progress_bar: bool = True  # a progress bar on the main process
 
 
 @dataclass
 class AlgorithmConfig:
+    """The RL method and its hyperparameters."""
+
     name: str = "dppo"  # dppo, grpo, cps, guard, nft
     hparams: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (checked)
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    """A whole run: top-level settings plus one section per concern."""
+
+    seed: int = 0  # seeds noise, prompt order and model init (same seed, same run)
     output_dir: str | None = None  # run directory; None = runs/<recipe>__seed<seed>__<time>
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     num_threads: int = 0  # torch CPU threads (0 = torch's default); 1 is fastest for the toy model
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate autocast of forwards
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

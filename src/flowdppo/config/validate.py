@@ -151,40 +151,73 @@ def _check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
     return total
 
 
-def _check_rewards(cfg: RunConfig) -> None:
-    from ..rewards import MONITORS, REWARDS, load_builtin_rewards
+def _check_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
+    _check(e.max_prompts >= 1, f"`eval.max_prompts`={e.max_prompts}: must be >= 1 (evaluation "
+           "needs at least one held-out prompt)")
+    _check(e.samples_per_prompt >= 1,
+           f"`eval.samples_per_prompt`={e.samples_per_prompt}: must be >= 1")
+    _check(e.every >= 0, f"`eval.every`={e.every}: must be >= 0 (0 = only at start and end)")
 
-    load_builtin_rewards()
+
+def _check_name(registry: Any, name: str, where: str) -> None:
+    """``name`` is registered in ``registry`` or is a dotted path that imports."""
+    try:
+        registry.lookup(name)
+    except ValueError as err:
+        raise ConfigError(f"`{where}`={name!r}: {err}") from None
+
+
+def _check_rewards(cfg: RunConfig) -> None:
+    from ..registry import is_dotted_path
+    from ..rewards import MONITORS, REWARDS
+
     _check(len(cfg.rewards.items) >= 1, "`rewards.items`: a run needs at least one reward")
     names = [item.name for item in cfg.rewards.items]
     _check(len(set(names)) == len(names), f"`rewards.items`: duplicate reward names {names}")
     for i, item in enumerate(cfg.rewards.items):
-        _check(item.name in REWARDS, f"`rewards.items[{i}].name`={item.name!r}: unknown reward; "
-               f"expected one of {sorted(REWARDS)}")
+        _check_name(REWARDS, item.name, f"rewards.items[{i}].name")
         _check(math.isfinite(item.weight), f"`rewards.items[{i}].weight` must be finite")
     for i, item in enumerate(cfg.eval.monitors):
-        _check(item.name in MONITORS or item.name in REWARDS,
-               f"`eval.monitors[{i}].name`={item.name!r}: unknown monitor; expected one of "
-               f"{sorted(set(MONITORS) | set(REWARDS))}")
+        known = is_dotted_path(item.name) or item.name in MONITORS or item.name in REWARDS
+        _check(known, f"`eval.monitors[{i}].name`={item.name!r}: unknown monitor; expected one of "
+               f"{sorted(set(MONITORS) | set(REWARDS))} or a dotted path package.module:factory")
+        if is_dotted_path(item.name):
+            _check_name(MONITORS, item.name, f"eval.monitors[{i}].name")
+
+
+def _check_prompts(cfg: RunConfig) -> None:
+    from ..prompts import PROMPT_SOURCES
+
+    if cfg.prompts.source != "files":
+        _check_name(PROMPT_SOURCES, cfg.prompts.source, "prompts.source")
+
+
+def _check_lora(cfg: RunConfig) -> None:
+    lora = cfg.lora
+    if not lora.enabled:
+        return
+    _check(lora.rank >= 1, f"`lora.rank`={lora.rank}: must be >= 1")
+    # alpha / rank scales the adapter's output: a NaN or inf turns every forward into NaN.
+    _check(math.isfinite(lora.alpha) and lora.alpha > 0,
+           f"`lora.alpha`={lora.alpha}: must be a finite number > 0 (the scale is alpha / rank)")
+    _check(math.isfinite(lora.dropout) and 0.0 <= lora.dropout < 1.0,
+           f"`lora.dropout`={lora.dropout}: must lie in [0, 1)")
 
 
 def _check_model(cfg: RunConfig) -> None:
-    from ..models import MODELS, load_builtin_models
+    from ..models import MODELS
     from ..models.pipeline_checks import is_hub_id, missing_folder_error
 
-    load_builtin_models()
-    _check(cfg.model.name in MODELS,
-           f"`model.name`={cfg.model.name!r}: unknown model; expected one of {sorted(MODELS)}")
+    _check_name(MODELS, cfg.model.name, "model.name")
     pretrained = cfg.model.pretrained
     special = pretrained.startswith("builtin:") or pretrained == "tiny-random"
     if not special and not is_hub_id(pretrained) and not Path(pretrained).expanduser().exists():
         raise ConfigError(str(missing_folder_error(pretrained)))
     # What needs no weights (the folder's pipeline class, the resolution), checked now.
-    check = getattr(MODELS[cfg.model.name], "check_pretrained", None)
+    check = getattr(MODELS.lookup(cfg.model.name), "check_pretrained", None)
     if check is not None and not special:
         check(pretrained, missing_ok=True, **cfg.model.kwargs)
-    if cfg.lora.enabled:
-        _check(cfg.lora.rank >= 1, f"`lora.rank`={cfg.lora.rank}: must be >= 1")
 
 
 def resolve(cfg: RunConfig, world_size: int = 1, device_type: str | None = None) -> ResolvedRun:
@@ -220,6 +253,9 @@ def resolve(cfg: RunConfig, world_size: int = 1, device_type: str | None = None)
            "`checkpoint.every` >= `train.num_iterations` checkpoints only at the end)")
     _check_rewards(cfg)
     _check_model(cfg)
+    _check_eval(cfg)
+    _check_lora(cfg)
+    _check_prompts(cfg)
     params = {"flow_sde": {"noise_level": cfg.sampling.noise_level},
               "cps": {"eta": cfg.sampling.eta}, "ode": {}}[dynamics]
     _check(cfg.rewards.max_empty_iterations >= 1, "`rewards.max_empty_iterations`="

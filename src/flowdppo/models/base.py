@@ -8,7 +8,6 @@ model's own timestep scale (0-1000 for SD3) appears only inside the adapter.
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -132,26 +133,15 @@ class FlowModel(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no diffusers LoRA export")
 
 
-MODELS: dict[str, Callable[..., FlowModel]] = {}
+MODELS: Registry[Callable[..., FlowModel]] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[Callable[..., FlowModel]], Callable[..., FlowModel]]:
-    def wrap(factory: Callable[..., FlowModel]) -> Callable[..., FlowModel]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        MODELS[name] = factory
-        return factory
-
-    return wrap
+    """Decorator registering an adapter factory ``(**kwargs) -> FlowModel`` under ``name``."""
+    return MODELS.register(name)
 
 
 def build_model(name: str, **kwargs: Any) -> FlowModel:
-    """Build a registered adapter; an unknown name raises with the valid names."""
-    from . import load_builtin_models
-
-    load_builtin_models()
-    if name not in MODELS:
-        hint = difflib.get_close_matches(name, MODELS, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown model {name!r}: expected one of {sorted(MODELS)}{extra}")
-    return MODELS[name](**kwargs)
+    """Build a registered adapter (or ``package.module:factory``); an unknown name raises
+    with the valid names."""
+    return MODELS.lookup(name)(**kwargs)

@@ -1,4 +1,8 @@
-"""Rewards and evaluation monitors; built-ins register on first lookup."""
+"""Rewards and evaluation monitors; built-ins register on first lookup.
+
+Rewards defined by higher layers (the digits and shapes toy tasks) register from
+``flowdppo.builtins``: this layer sits below them and does not import them.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,9 @@ from .base import (
     register_reward,
 )
 
-# Modules whose import registers rewards/monitors; missing optional ones are skipped.
+# This package's modules whose import registers rewards/monitors; missing optional ones
+# are skipped.
 _BUILTIN_MODULES = (
-    "flowdppo.worlds.digits_rewards",
-    "flowdppo.worlds.shapes_rewards",
     "flowdppo.rewards.monitors",
     "flowdppo.rewards.image_models",
     "flowdppo.rewards.simple",

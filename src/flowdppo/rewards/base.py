@@ -14,7 +14,6 @@ distance): ``(images, prompts, metadata) -> dict[str, float]``.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from ..registry import Registry
 
 RewardOutput = tuple[Tensor, dict[str, Any]]
 
@@ -38,47 +39,28 @@ class Monitor(Protocol):
     ) -> dict[str, float]: ...
 
 
-REWARDS: dict[str, Callable[..., Reward]] = {}
-MONITORS: dict[str, Callable[..., Monitor]] = {}
-
-
-def _register(table: dict, kind: str, name: str) -> Callable:
-    def wrap(factory: Callable) -> Callable:
-        if name in table:
-            raise ValueError(f"{kind} {name!r} registered twice")
-        table[name] = factory
-        return factory
-
-    return wrap
+REWARDS: Registry[Callable[..., Reward]] = Registry("reward")
+MONITORS: Registry[Callable[..., Monitor]] = Registry("monitor")
 
 
 def register_reward(name: str) -> Callable:
     """Decorator registering a reward factory ``(**kwargs) -> Reward``."""
-    return _register(REWARDS, "reward", name)
+    return REWARDS.register(name)
 
 
 def register_monitor(name: str) -> Callable:
     """Decorator registering a monitor factory ``(**kwargs) -> Monitor``."""
-    return _register(MONITORS, "monitor", name)
-
-
-def _lookup(table: dict, kind: str, name: str) -> Callable:
-    from . import load_builtin_rewards
-
-    load_builtin_rewards()
-    if name not in table:
-        hint = difflib.get_close_matches(name, table, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown {kind} {name!r}: expected one of {sorted(table)}{extra}")
-    return table[name]
+    return MONITORS.register(name)
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
-    return _lookup(REWARDS, "reward", name)(**kwargs)
+    """A registered reward (or ``package.module:factory``) built with ``kwargs``."""
+    return REWARDS.lookup(name)(**kwargs)
 
 
 def build_monitor(name: str, **kwargs: Any) -> Monitor:
-    return _lookup(MONITORS, "monitor", name)(**kwargs)
+    """A registered monitor (or ``package.module:factory``) built with ``kwargs``."""
+    return MONITORS.lookup(name)(**kwargs)
 
 
 @dataclass(frozen=True)

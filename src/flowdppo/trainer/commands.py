@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from ..arguments import HelpConfigAction, positive_int
+
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -45,6 +47,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="replace the finished or abandoned run in --output-dir (deletes "
                        "only what a run writes; a folder with other files is refused)")
     train.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.lr=1e-4")
+    train.add_argument("--help-config", action=HelpConfigAction,
+                       help="list every config key with its documentation and exit")
     train.set_defaults(func=run_train)
 
     _add_sample_cli(subparsers)
@@ -153,7 +157,7 @@ def _add_sample_cli(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     sample.add_argument("--num", type=int, default=4, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0, help="sample j of a prompt uses SEED + j")
-    sample.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's "
+    sample.add_argument("--steps", type=positive_int, default=None, help="ODE steps (default: the run's "
                         "eval steps, or the pipeline's default)")
     sample.add_argument("--guidance", type=float, default=None, help="guidance scale (default: "
                         "the run's, or the pipeline's default)")

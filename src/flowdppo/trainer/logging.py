@@ -30,6 +30,29 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 3e-4}}`` -> ``{"optim.lr": 3e-4}``; values TensorBoard's hparams
+    table takes (bool, int, float, str), anything else as its text (lists, None)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
+
+
+def write_hparams(writer: Any, config: dict[str, Any]) -> None:
+    """The run's config as TensorBoard's hyperparameter table, in the run's own event file
+    (``SummaryWriter.add_hparams`` would open a second run in a sub-folder)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(flat_hparams(config), {}):
+        writer.file_writer.add_summary(summary)
+
+
 class RunLogger:
     """Appends JSON lines and mirrors scalars to TensorBoard / wandb."""
 
@@ -45,6 +68,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            write_hparams(self._tb, config)
         if wandb:
             try:
                 import wandb as wandb_module

@@ -4,7 +4,6 @@ models in the cache, so the first ``flowdppo train`` starts at once."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 
 logger = logging.getLogger(__name__)
@@ -18,8 +17,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "pretrain", help="pretrain and cache a built-in world's base model (done on first use)")
-    parser.add_argument("--world", default="digits", choices=sorted(BUILTIN_BASES),
-                        help="built-in world (default: digits)")
+    parser.add_argument("--world", default="digits", metavar="NAME",
+                        help=f"world: one of {sorted(BUILTIN_BASES)} or package.module:function "
+                        "(default: digits)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even when the cache holds this recipe")
     parser.add_argument("--cache-dir", default=None,
@@ -27,16 +27,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_pretrain)
 
 
-def _call(target: str, **kwargs: object) -> object:
-    module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(**kwargs)
-
-
 def run_pretrain(args: argparse.Namespace) -> int:
-    from . import BUILTIN_BASES
+    from ..registry import import_dotted
+    from . import WORLDS
 
-    base = _call(BUILTIN_BASES[args.world], cache_dir=args.cache_dir, force=args.force)
+    base = WORLDS.lookup(args.world)(cache_dir=args.cache_dir, force=args.force)
     for target in _WORLD_EXTRAS.get(args.world, ()):
-        _call(target, cache_dir=args.cache_dir, force=args.force)
+        import_dotted(target)(cache_dir=args.cache_dir, force=args.force)
     print(f"{args.world} base model: {base}")
     return 0

@@ -302,12 +302,17 @@ def build_shapes_base(directory: str | Path, recipe: dict[str, Any] | None = Non
     return stats
 
 
-def ensure_shapes_base() -> str:
+def ensure_shapes_base(cache_dir: str | Path | None = None, force: bool = False) -> str:
     """Directory of the shipped shapes base model (a `ToyFlowModel` directory).
 
-    The weights ship with the package; ``python scripts/make_shapes_base.py`` regenerates
-    them (about 4 CPU-minutes, see that script).
+    The weights ship with the package, so nothing is cached: ``cache_dir`` is accepted for
+    the interface every world's base shares (`flowdppo pretrain`) and unused. ``force``
+    refuses: ``python scripts/make_shapes_base.py`` regenerates the shipped weights (about
+    4 CPU-minutes, see that script).
     """
+    if force:
+        raise ValueError("the shapes base model ships with flowdppo and is not rebuilt by "
+                         "`--force`; regenerate it with `python scripts/make_shapes_base.py`")
     needed = ("toy_config.json", "text_encoder.safetensors", "transformer/config.json", RECIPE_FILE)
     missing = [name for name in needed if not (ASSET_DIR / name).is_file()]
     if missing:
