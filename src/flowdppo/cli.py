@@ -20,7 +20,7 @@ _COMMAND_MODULES = (
     "flowdppo.trainer.commands",
     "flowdppo.worlds.commands",
     "flowdppo.compare.commands",
-    "flowdppo.rewards.server",
+    "flowdppo.rewards.commands",
 )
 
 
