@@ -15,8 +15,9 @@ import torch
 
 from flowdppo.cli import build_parser
 from flowdppo.rewards import WeightedReward, build_reward
+from flowdppo.rewards.commands import parse_reward_spec, rewards_from_args
 from flowdppo.rewards.remote import encode_images
-from flowdppo.rewards.server import parse_reward_spec, rewards_from_args, start_reward_server
+from flowdppo.rewards.server import start_reward_server
 from flowdppo.rewards.service import RewardService, ScoreJob
 
 

@@ -163,3 +163,34 @@ def test_a_hanging_server_fails_training_after_the_timeouts(tiny_base, tmp_path)
     assert f"{url}/score" in message and "after 2 attempts" in message
     assert "timed out" in message
     assert elapsed < 10.0
+
+
+def test_ctrl_c_while_the_server_stalls_stops_training_within_seconds(tiny_base, tmp_path):
+    """Fault: the reward thread kept retrying after Ctrl-C (88 s here, ~8 min at defaults)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from stalled_server import StalledServer
+
+    with StalledServer() as server:
+        command = [sys.executable, "-m", "flowdppo.cli", "train", "--config", "toy_dppo",
+                   "--output-dir", str(tmp_path / "run"),
+                   *remote_overrides(tiny_base, server.url, timeout_s=20.0, max_retries=1)]
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            assert server.accepted.wait(120.0), "training never asked the reward server"
+            time.sleep(0.5)
+            start = time.perf_counter()
+            child.send_signal(signal.SIGINT)
+            child.wait(timeout=60.0)  # before the fix: 2 attempts x 20 s + backoff
+            elapsed = time.perf_counter() - start
+        finally:
+            child.kill()
+            child.wait()
+        err = child.stderr.read()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    assert elapsed < 10.0, (elapsed, err[-2000:])  # ~2 s of it is torch's own exit
+    assert server.connections == 1  # no retry started after Ctrl-C

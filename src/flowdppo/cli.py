@@ -22,7 +22,7 @@ _COMMAND_MODULES = (
     "flowdppo.trainer.export",
     "flowdppo.worlds.commands",
     "flowdppo.compare.commands",
-    "flowdppo.rewards.server",
+    "flowdppo.rewards.commands",
 )
 
 

@@ -2,21 +2,27 @@
 
 Protocol (see :mod:`flowdppo.rewards.remote`): ``POST /score`` scores a batch with every hosted
 reward (or the ``rewards`` named in the request), ``GET /health`` lists them. Answers:
-200 with the rewards; 400 (JSON ``error``) for a malformed request; 404 unknown path;
-413 body too large; 500 with the reward's exception message; 504 when scoring outlasts
-``request_timeout_s``. Every request gets an answer; the connection then closes.
+200 with the rewards; 400 (JSON ``error``) for a malformed request or a ``Content-Length``
+that is not one non-negative integer; 401 without the shared token (when the server has
+one); 404 unknown path; 411 no ``Content-Length`` (chunked bodies are not read); 413 body
+over ``max_body_mb``; 500 with the reward's exception message; 504 when scoring outlasts
+``request_timeout_s``. Every request gets an answer; the connection then closes. The body
+is read only after the path, the length and the token are checked, and never past the
+declared length.
 
 Batching (:mod:`flowdppo.rewards.service`): one worker thread scores; waiting requests of
 the same image shape are coalesced into batches of at most ``max_batch_size`` images and big
 ones split into chunks, so concurrent trainer processes share forward passes. With several
 rewards hosted, ``weighted_sum`` = sum of weight * reward is returned too.
 
-Only the standard library (``http.server``) is used: no web framework to install.
+Only the standard library (``http.server``) is used: no web framework to install. The CLI
+command (``flowdppo serve-reward``) is in :mod:`flowdppo.rewards.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
+import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -24,11 +30,13 @@ from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .base import WeightedReward, build_reward
+from .base import WeightedReward
 from .remote import decode_images
 from .service import WEIGHTED_SUM, RewardService, ScoreJob
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_MB = 1024.0  # a 256-image 512 px float16 evaluation request is ~400 MB
 
 
 def parse_score_request(body: bytes, hosted: Sequence[str]) -> ScoreJob:
@@ -76,8 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 120  # seconds a client may stall while sending; never a thread held forever
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") != "/health":
-            self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
+        refusal = self._refusal("/health", "GET /health or POST /score", body=False)
+        if refusal:
+            self._send(*refusal)
             return
         service = self.server.service
         self._send(
@@ -99,16 +108,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, answer)
 
     def _score(self) -> tuple[int, dict[str, Any]]:
-        if self.path.rstrip("/") != "/score":
-            return 404, {"error": f"unknown path {self.path}; use POST /score"}
+        refusal = self._refusal("/score", "POST /score", body=True)
+        if refusal:
+            return refusal
+        body = self.rfile.read(self._length())
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return 411, {"error": "a numeric Content-Length header is required"}
-        if length > self.server.max_body_bytes:
-            return 413, {"error": f"body of {length} bytes exceeds {self.server.max_body_bytes}"}
-        try:
-            job = parse_score_request(self.rfile.read(length), list(self.server.service.rewards))
+            job = parse_score_request(body, list(self.server.service.rewards))
         except ValueError as err:
             return 400, {"error": str(err)}
         self.server.service.submit(job)
@@ -117,6 +122,42 @@ class _Handler(BaseHTTPRequestHandler):
         if job.error is not None:
             return 500, {"error": job.error}
         return 200, job.result
+
+    def _refusal(self, path: str, usage: str, body: bool) -> tuple[int, dict[str, Any]] | None:
+        """The answer refusing this request before its body is read, or None to go on."""
+        if self.path.rstrip("/") != path:
+            return 404, {"error": f"unknown path {self.path}; use {usage}"}
+        if body:
+            problem = _length_problem(self.headers.get_all("Content-Length"),
+                                      self.headers.get("Transfer-Encoding"))
+            if problem:
+                return problem
+        if not self._authorized():
+            self._drain()  # so the client reads the 401, not a reset connection
+            return 401, {"error": "missing or wrong token: send 'Authorization: Bearer <token>' "
+                                  "(remote reward: kwargs.token or $FLOWDPPO_REWARD_TOKEN)"}
+        if body and self._length() > self.server.max_body_bytes:
+            return 413, {"error": f"body of {self._length()} bytes exceeds "
+                                  f"{self.server.max_body_bytes} (serve-reward --max-body-mb)"}
+        return None
+
+    def _length(self) -> int:
+        return int(self.headers.get("Content-Length", "0"))
+
+    def _authorized(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        sent = self.headers.get("Authorization", "")
+        # Constant-time comparison: the answer time must not leak how much of it matched.
+        return hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
+
+    def _drain(self, cap: int = 2**20) -> None:
+        """Read and drop up to ``cap`` bytes of a refused body (when its length is known)."""
+        if self.command == "POST" and not _length_problem(
+            self.headers.get_all("Content-Length"), self.headers.get("Transfer-Encoding")
+        ):
+            self.rfile.read(min(self._length(), cap))
 
     def _send(self, code: int, answer: dict[str, Any]) -> None:
         data = json.dumps(answer).encode()
@@ -133,6 +174,42 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
+def _length_problem(
+    lengths: list[str] | None, transfer_encoding: str | None
+) -> tuple[int, dict[str, Any]] | None:
+    """411/400 unless the body has exactly one non-negative integer ``Content-Length``."""
+    if transfer_encoding is not None:
+        return 411, {"error": "chunked (Transfer-Encoding) bodies are not accepted; "
+                              "send a Content-Length header"}
+    if not lengths:
+        return 411, {"error": "a Content-Length header is required"}
+    if len(set(lengths)) > 1:
+        return 400, {"error": f"conflicting Content-Length headers {lengths}"}
+    value = lengths[0].strip()
+    if not (value.isascii() and value.isdigit()):  # "-1" would mean: read until EOF
+        return 400, {"error": f"Content-Length {lengths[0]!r}: expected a non-negative integer"}
+    return None
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """A warning when ``host`` reaches beyond this machine and no token guards the server."""
+    if token:
+        return None
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    return (
+        f"serve-reward binds {host}, reachable from other machines, without a token: anyone "
+        "who can reach it can use its GPU and read what it computes. Pass --token (or set "
+        "$FLOWDPPO_REWARD_TOKEN) here and the same token in the remote reward, or bind "
+        "127.0.0.1 and tunnel (ssh -L)."
+    )
+
+
 class RewardHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server holding a `RewardService` (one thread per connection)."""
 
@@ -143,11 +220,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
         address: tuple[str, int],
         service: RewardService,
         request_timeout_s: float = 600.0,
-        max_body_mb: float = 1024.0,
+        max_body_mb: float = DEFAULT_MAX_BODY_MB,
+        token: str | None = None,
     ) -> None:
+        if not max_body_mb > 0:
+            raise ValueError(f"--max-body-mb={max_body_mb}; expected a size in MiB > 0")
+        if token is not None and not token.strip():
+            raise ValueError("--token is empty; give a secret string, or none for no token")
         super().__init__(address, _Handler)
         self.service, self.request_timeout_s = service, request_timeout_s
         self.max_body_bytes = int(max_body_mb * 2**20)
+        self.token = token
 
     @property
     def url(self) -> str:
@@ -184,133 +267,18 @@ def start_reward_server(
     max_batch_size: int = 64,
     coalesce: bool = True,
     request_timeout_s: float = 600.0,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    token: str | None = None,
 ) -> tuple[RunningRewardServer, str]:
     """Serve ``rewards`` on a background thread; returns the server (``.shutdown()``) and its URL.
 
     ``rewards``: `WeightedReward` items, or a mapping name -> reward callable (weight 1).
-    ``port=0`` picks a free port.
+    ``port=0`` picks a free port. ``token``: require ``Authorization: Bearer <token>``.
     """
     if isinstance(rewards, Mapping):
         rewards = [WeightedReward(name, reward) for name, reward in rewards.items()]
     service = RewardService(list(rewards), max_batch_size=max_batch_size, coalesce=coalesce)
-    httpd = RewardHTTPServer((host, port), service, request_timeout_s=request_timeout_s)
+    httpd = RewardHTTPServer((host, port), service, request_timeout_s=request_timeout_s,
+                             max_body_mb=max_body_mb, token=token)
     server = RunningRewardServer(httpd)
     return server, server.url
-
-
-def parse_reward_spec(spec: str) -> tuple[str, float]:
-    """``NAME[:WEIGHT]`` -> (name, weight); NAME is a registry name or ``module.path:factory``."""
-    head, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass  # "module:factory" with no weight
-    return spec, 1.0
-
-
-def _reward_kwargs(raw: str | None, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``--reward-kwargs``: {name: {kwargs}} or, with one reward, its flat {kwargs}."""
-    if not raw:
-        return {name: {} for name in names}
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--reward-kwargs is not JSON: {err}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError("--reward-kwargs must be a JSON object")
-    if parsed and set(parsed) <= set(names) and all(isinstance(v, dict) for v in parsed.values()):
-        return {name: dict(parsed.get(name, {})) for name in names}
-    if len(names) == 1:
-        return {names[0]: parsed}
-    raise ValueError(
-        f"--reward-kwargs: with several rewards give {{name: {{kwargs}}}} keyed by {list(names)}"
-    )
-
-
-def build_reward_from_spec(name: str, kwargs: dict[str, Any]) -> Any:
-    """A registry reward, or ``module.path:factory`` imported and called with ``kwargs``."""
-    if ":" not in name:
-        return build_reward(name, **kwargs)
-    import importlib
-
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"--reward {name}: cannot import {attr!r} from {module_name!r}: {err}"
-        ) from None
-    return factory(**kwargs)
-
-
-def rewards_from_args(args: argparse.Namespace) -> list[Any]:
-    """The `WeightedReward` items the ``serve-reward`` arguments ask for."""
-    specs = [parse_reward_spec(spec) for spec in args.reward]
-    names = [name for name, _ in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--reward: a reward is listed twice: {names}")
-    kwargs = _reward_kwargs(args.reward_kwargs, names)
-    if args.device:
-        for item in kwargs.values():
-            item.setdefault("device", args.device)
-    return [
-        WeightedReward(name, build_reward_from_spec(name, kwargs[name]), weight)
-        for name, weight in specs
-    ]
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser(
-        "serve-reward", help="host rewards over HTTP for the 'remote' reward"
-    )
-    serve.add_argument(
-        "--reward",
-        action="append",
-        required=True,
-        metavar="NAME[:WEIGHT]",
-        help="registry name or module.path:factory, optional weight (repeatable)",
-    )
-    serve.add_argument(
-        "--reward-kwargs",
-        default=None,
-        metavar="JSON",
-        help='factory arguments: {"name": {...}}, or {...} with one reward',
-    )
-    serve.add_argument("--device", default=None, help="device passed to every factory (e.g. cuda)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
-    serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    serve.add_argument("--max-batch-size", type=int, default=64, help="images per reward call")
-    serve.add_argument(
-        "--request-timeout-s",
-        type=float,
-        default=600.0,
-        help="answer 504 when scoring a request takes longer",
-    )
-    serve.add_argument(
-        "--no-coalesce",
-        action="store_true",
-        help="score each request alone instead of batching waiting requests",
-    )
-    serve.set_defaults(func=run_serve)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    service = RewardService(
-        rewards_from_args(args), max_batch_size=args.max_batch_size, coalesce=not args.no_coalesce
-    )
-    httpd = RewardHTTPServer(
-        (args.host, args.port), service, request_timeout_s=args.request_timeout_s
-    )
-    print(
-        f"serving rewards {list(service.rewards)} at {httpd.url} (POST /score, GET /health)",
-        flush=True,
-    )
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
-        service.close()
-    return 0
