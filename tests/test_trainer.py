@@ -187,3 +187,31 @@ def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tiny_ba
     evals = read_rows(tmp_path / "eval.jsonl")
     assert evals[0]["kl_ref"] == 0.0 and evals[-1]["kl_ref"] > 0
     assert "kl_ref_mean" in read_rows(tmp_path / "metrics.jsonl")[0]
+
+
+def test_sigterm_between_iterations_checkpoints_that_iteration_and_stops(tiny_base, tmp_path):
+    """A preemption (SIGTERM) lets the iteration in flight finish, writes its checkpoint even
+    when none is due, and stops; `--resume` continues from it."""
+    import signal
+
+    from flowdppo.trainer.interrupt import Interrupted
+    from flowdppo.trainer.loop import Trainer
+
+    cfg = load_config(str(RECIPES / "toy_dppo.yaml"),
+                      [*tiny_overrides(tiny_base, iterations=5), "checkpoint.every=100",
+                       "eval.every=0", "eval.at_start=false"])
+    trainer = Trainer(resolve(cfg), tmp_path / "run")
+    iteration = trainer.iteration
+
+    def preempted(it):
+        row = iteration(it)
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    trainer.iteration = preempted
+    with pytest.raises(Interrupted):
+        trainer.run()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # (resume from a checkpoint, or start again when none was written).
         _report(args, str(err))
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: the run wrote its checkpoint at the last finished iteration.
+        print(f"flowdppo {args.command}: interrupted; checkpoints written so far are kept "
+              "(`flowdppo train --resume <output-dir>` continues a run)", file=sys.stderr)
+        return 130
     except (FlowdppoError, ValueError) as err:
         # User errors (ours, and configuration ValueErrors): one clear line, no traceback.
         _report(args, str(err))

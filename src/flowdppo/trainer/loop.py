@@ -28,6 +28,7 @@ from . import checkpoint, setup
 from .batches import BatchSource, entries_for, means_at_entries, write_means
 from .checkpoint import write_text_atomic
 from .evaluation import EvalContext, evaluate_run, save_grid
+from .interrupt import stop_on_signals
 from .logging import RunLogger
 from .policy import (
     ParamSnapshot,
@@ -209,33 +210,26 @@ class Trainer:
             self.run_eval(0)
         progress = self._progress()
         empty = 0  # consecutive iterations with every image dropped
-        for it in range(self.start_iteration, cfg.train.num_iterations):
-            if it == self.start_iteration:
-                since = time.perf_counter() - STARTED_AT
-                logger.info("first RL iteration starts %.1f s after start-up", since)
-            row = self.iteration(it)
-            if it == self.start_iteration:
-                row["time_first_iteration_start_s"] = since
-            self.logger.log("metrics.jsonl", row)
-            empty = empty + 1 if row["reward_num_nonfinite"] == self.resolved.samples_per_iteration else 0
-            step = it + 1
-            last = step == cfg.train.num_iterations
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                self.run_eval(step)
-            if last or step % cfg.checkpoint.every == 0:
-                self.save(step)
-            if step == _EXIT_AFTER_ITERATION:
-                os._exit(137)  # test hook: a hard kill between checkpoints, no cleanup
-            if progress is not None:
-                progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                     kl=f"{row.get('kl_old_new_mean') or 0.0:.1e}")
-                progress.update(1)
-            if empty >= cfg.rewards.max_empty_iterations:
-                raise RewardsExhaustedError(
-                    f"every image of the last {empty} iterations had a non-finite reward "
-                    f"(`rewards.nonfinite: drop`); no update was made. Fix the reward; "
-                    f"`rewards.max_empty_iterations`={cfg.rewards.max_empty_iterations} stops a "
-                    "run sooner or later")
+        # Ctrl-C / SIGTERM: the reward service stops waiting at once; the loop leaves at the
+        # end of the iteration, after a checkpoint of it (a second signal stops at once).
+        with stop_on_signals(self.rewards.cancel) as stop:
+            for it in range(self.start_iteration, cfg.train.num_iterations):
+                row = self._logged_iteration(it)
+                empty = empty + 1 if row["reward_num_nonfinite"] == self.resolved.samples_per_iteration else 0
+                step = it + 1
+                last = step == cfg.train.num_iterations
+                if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                    self.run_eval(step)
+                if last or step % cfg.checkpoint.every == 0 or stop.requested:
+                    self.save(step)
+                if step == _EXIT_AFTER_ITERATION:
+                    os._exit(137)  # test hook: a hard kill between checkpoints, no cleanup
+                if progress is not None:
+                    progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                         kl=f"{row.get('kl_old_new_mean') or 0.0:.1e}")
+                    progress.update(1)
+                stop.check()
+                self._check_not_exhausted(empty)
         if progress is not None:
             progress.close()
         self.logger.close()
@@ -245,6 +239,25 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.output_dir
+
+    def _logged_iteration(self, it: int) -> dict[str, Any]:
+        first = it == self.start_iteration
+        if first:
+            since = time.perf_counter() - STARTED_AT
+            logger.info("first RL iteration starts %.1f s after start-up", since)
+        row = self.iteration(it)
+        if first:
+            row["time_first_iteration_start_s"] = since
+        self.logger.log("metrics.jsonl", row)
+        return row
+
+    def _check_not_exhausted(self, empty: int) -> None:
+        limit = self.cfg.rewards.max_empty_iterations
+        if empty >= limit:
+            raise RewardsExhaustedError(
+                f"every image of the last {empty} iterations had a non-finite reward "
+                f"(`rewards.nonfinite: drop`); no update was made. Fix the reward; "
+                f"`rewards.max_empty_iterations`={limit} sets how many such iterations stop a run")
 
     def _progress(self):
         if not (self.main and self.cfg.logging.progress_bar):
