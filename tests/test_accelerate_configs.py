@@ -57,6 +57,7 @@ def test_cluster_config_loads(name):
 _NOT_OPTIONS = {"compute_environment", "distributed_type", "fsdp_config", "deepspeed_config"}
 _RENAMED = {"use_cpu": "cpu"}  # file key -> launch option
 NESTED = {"ddp": None, "fsdp": "fsdp_config", "fsdp_flux": "fsdp_config",
+          "fsdp_qwenimage": "fsdp_config", "fsdp_wan": "fsdp_config",
           "deepspeed_zero2": "deepspeed_config"}
 
 

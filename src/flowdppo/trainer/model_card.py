@@ -75,7 +75,7 @@ def _settings(cfg: RunConfig) -> list[tuple[str, Any]]:
                    f"(`{cfg.algorithm.name}`) {json.dumps(dict(cfg.algorithm.hparams))}"),
         ("reward", rewards), ("sampler", f"{s.dynamics or _default_dynamics(cfg)}, noise level "
                               f"{s.noise_level:g}, eta {s.eta:g}, {s.num_steps} steps"),
-        ("trained steps", f"{s.sde_window} in {s.sde_window_range}"),
+        ("trained steps", f"{s.sde_steps.count} ({s.sde_steps.mode}) in {s.sde_steps.range}"),
         ("guidance scale", f"{s.guidance_scale:g}"),
         ("images per iteration", f"{s.num_groups} prompts x {s.group_size}"),
         ("LoRA", lora), ("optimizer", f"AdamW lr {o.lr:g}, weight decay {o.weight_decay:g}"),
