@@ -20,11 +20,13 @@ from .base import (
 _BUILTIN_MODULES = (
     "flowdppo.worlds.digits_rewards",
     "flowdppo.worlds.shapes_rewards",
+    "flowdppo.worlds.video_rewards",
     "flowdppo.rewards.monitors",
     "flowdppo.rewards.image_models",
     "flowdppo.rewards.simple",
     "flowdppo.rewards.ocr",
     "flowdppo.rewards.remote",
+    "flowdppo.rewards.video",
 )
 load_builtin_rewards = module_loader(_BUILTIN_MODULES)
 

@@ -6,7 +6,7 @@ import importlib
 
 from ..lazy import module_loader
 
-_BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes")
+_BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes", "flowdppo.worlds.video")
 load_builtin_worlds = module_loader(_BUILTIN_MODULES)
 
 
@@ -14,6 +14,7 @@ load_builtin_worlds = module_loader(_BUILTIN_MODULES)
 BUILTIN_BASES = {
     "digits": "flowdppo.worlds.digits:ensure_digits_base",
     "shapes": "flowdppo.worlds.shapes:ensure_shapes_base",
+    "video": "flowdppo.worlds.video:ensure_video_base",
 }
 
 
