@@ -58,6 +58,10 @@ def test_prompt_source_splits_phrasings_of_the_same_clips():
     assert len(splits.train) == len(splits.eval) == 64
     assert {i.prompt for i in splits.train}.isdisjoint({i.prompt for i in splits.eval})
     assert [i.metadata for i in splits.train] == [i.metadata for i in splits.eval]
+    first = [video.parse_caption(i.prompt) for i in splits.eval[:16]]
+    assert len({(c.color, c.shape) for c in first}) == 16
+    assert sorted(c.direction for c in first) == sorted(DIRECTIONS * 4)
+    assert set(map(video.parse_caption, (i.prompt for i in splits.eval))) == set(video.all_clips())
     assert splits.train[0].prompt == "a red circle moving left"
     assert splits.eval[0].prompt == "a red circle that moves left"
     with pytest.raises(ValueError, match="takes no options"):
@@ -158,3 +162,13 @@ def test_pretrain_cli_builds_the_video_base(tmp_path, monkeypatch, capsys):
     model = ToyVideoFlowModel.from_pretrained(base)
     assert model.latent_shape == (3, video.NUM_FRAMES, 16, 16)
     assert video.ensure_video_base(cache_dir=tmp_path) == base  # a cache hit
+
+
+def test_shipped_base_is_small_matches_the_recipe_and_seeds_the_cache(tmp_path):
+    size = sum(f.stat().st_size for f in video.ASSET_DIR.rglob("*") if f.is_file())
+    assert size < 2_000_000, size
+    assert video.shipped_base_matches(video.BASE_RECIPE)
+    assert not video.shipped_base_matches({**video.BASE_RECIPE, "version": -1})
+    cached = video.ensure_video_base(cache_dir=tmp_path)  # a copy, not a pretraining run
+    shipped = (video.ASSET_DIR / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (cached / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == shipped
