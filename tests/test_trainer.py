@@ -24,7 +24,7 @@ from flowdppo.config import load_config, resolve
 from flowdppo.rewards import register_reward
 from flowdppo.trainer.commands import RECIPES
 
-METHOD_RECIPES = sorted(p.stem for p in RECIPES.glob("toy_*.yaml"))
+METHOD_RECIPES = sorted(p.stem for p in RECIPES.glob("toy_*.yaml") if "video" not in p.stem)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -68,6 +68,15 @@ BENCHMARKS: dict[str, Benchmark] = {
                 [{"name": "shapes_judge"}, {"name": "diversity"}]),
         iterations=30, quick_iterations=20, eval_every=10,
     ),
+    # Clips (3, 4, 16, 16) of a moving shape, D = 3072; the monitors are never trained on.
+    "video": Benchmark(
+        "video", 3072,
+        {**_recipe("builtin:video", "video", [{"name": "video_clauses", "weight": 1.0}],
+                   [{"name": "video_judge"}, {"name": "temporal_consistency"},
+                    {"name": "diversity"}]),
+         "model": {"name": "toy_video", "pretrained": "builtin:video"}},
+        iterations=40, quick_iterations=20, eval_every=10,
+    ),
 }
 
 

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "flowdppo.rewards.simple",
     "flowdppo.rewards.ocr",
     "flowdppo.rewards.remote",
+    "flowdppo.rewards.video",
 )
 load_builtin_rewards = module_loader(_BUILTIN_MODULES)
 

@@ -115,6 +115,10 @@ def evaluate(
 def save_grid(result: EvalResult, path: Path, reward_name: str, max_rows: int = 8,
               max_cols: int = 4, samples_per_prompt: int = 1) -> Path:
     """A PNG grid: one row per prompt, its samples across, titled with the reward."""
+    if result.images.ndim == 5:  # videos (N, C, F, H, W): a GIF beside a PNG frame strip
+        from .video_grid import save_video_grid
+
+        return save_video_grid(result, path, reward_name, max_rows, max_cols, samples_per_prompt)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,9 +14,10 @@ from pathlib import Path
 from ..lazy import module_loader
 from ..registry import Registry, import_dotted
 
-_BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes")
+_BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes", "flowdppo.worlds.video")
 # The worlds' reward and monitor modules (registered into `flowdppo.rewards`' registries).
-_REWARD_MODULES = ("flowdppo.worlds.digits_rewards", "flowdppo.worlds.shapes_rewards")
+_REWARD_MODULES = ("flowdppo.worlds.digits_rewards", "flowdppo.worlds.shapes_rewards",
+                   "flowdppo.worlds.video_rewards")
 _load_modules = module_loader(_BUILTIN_MODULES)
 load_world_rewards = module_loader(_REWARD_MODULES)
 
@@ -26,6 +27,7 @@ load_world_rewards = module_loader(_REWARD_MODULES)
 BUILTIN_BASES = {
     "digits": "flowdppo.worlds.digits:ensure_digits_base",
     "shapes": "flowdppo.worlds.shapes:ensure_shapes_base",
+    "video": "flowdppo.worlds.video:ensure_video_base",
 }
 
 BaseFactory = Callable[..., str | Path]

@@ -51,7 +51,7 @@ def flow_matching_loss(model: ToyFlowModel, x0: Tensor, ids: Tensor, t: Tensor,
     from ..models.base import Conditioning
 
     embeds, pooled = model.text_encoder(ids)
-    t_b = t.view(-1, 1, 1, 1)
+    t_b = t.view(-1, *([1] * (x0.ndim - 1)))  # images (B, C, H, W) or clips (B, C, F, H, W)
     x_t = (1.0 - t_b) * x0 + t_b * eps
     cond = Conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
     v = model.predict_velocity(x_t, t, cond)
@@ -70,7 +70,7 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 
 def _check_data(images: Tensor, prompts: Sequence[str], model: ToyFlowModel) -> None:
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.latent_shape):
+    if tuple(images.shape[1:]) != tuple(model.latent_shape):
         raise ValueError(f"images have shape {tuple(images.shape)}; expected (N, "
                          f"{', '.join(map(str, model.latent_shape))}) for this model")
     if len(prompts) != images.shape[0]:
