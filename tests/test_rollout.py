@@ -134,3 +134,34 @@ def test_combine_metrics_skips_undefined_values():
     parts = [(1, {"corr": torch.tensor(float("nan"))}), (3, {"corr": torch.tensor(0.5)})]
     assert float(weighted_mean(parts)["corr"]) == 0.5
     assert torch.isnan(weighted_mean(parts[:1])["corr"])
+
+
+def test_random_sde_steps_are_distinct_in_range_and_reproducible():
+    from flowdppo.trainer.rollout import choose_random_steps, choose_sde_steps
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [choose_random_steps(gen, 3, 0, 5) for _ in range(300)]
+    assert all(len(set(d)) == 3 and d == sorted(d) and d[0] >= 0 and d[-1] < 5 for d in draws)
+    assert {0, 2, 4} in [set(d) for d in draws]  # non-consecutive sets occur (a window cannot)
+    assert len({tuple(d) for d in draws}) == 10  # every 3-subset of 0..4 is reachable
+    again = torch.Generator().manual_seed(0)
+    assert [choose_sde_steps(again, "random", 3, 0, 5) for _ in range(300)] == draws
+
+
+def test_the_plan_depends_only_on_seed_and_iteration():
+    """What makes a resumed run (or another process) draw the same prompts and SDE steps."""
+
+    from flowdppo.config import RunConfig, resolve
+    from flowdppo.prompts import PromptItem
+    from flowdppo.trainer.rollout import make_plan
+
+    cfg = RunConfig()
+    cfg.sampling.sde_steps.mode = "random"
+    run = resolve(cfg)
+    prompts = [PromptItem(p) for p in PROMPTS]
+    plans = [make_plan(cfg, run.sde_steps, prompts, it) for it in range(6)]
+    again = [make_plan(cfg, run.sde_steps, prompts, it) for it in (5, 4, 3, 2, 1, 0)][::-1]
+    assert [p.trained_steps for p in plans] == [p.trained_steps for p in again]
+    assert [p.prompts for p in plans] == [p.prompts for p in again]
+    assert len({tuple(p.trained_steps) for p in plans}) > 1  # redrawn every iteration
+    assert all(len(set(p.trained_steps)) == 3 and max(p.trained_steps) < 5 for p in plans)

@@ -215,3 +215,21 @@ def test_sigterm_between_iterations_checkpoints_that_iteration_and_stops(tiny_ba
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_run_whose_every_reward_is_nan_stops_after_max_empty_iterations(tiny_base, tmp_path):
+    from flowdppo.errors import RewardsExhaustedError
+    from flowdppo.trainer.loop import Trainer
+
+    @register_reward("test_all_nan")
+    def _all_nan(device: str = "cpu"):
+        return lambda images, prompts, metadata: (torch.full((len(prompts),), float("nan")), {})
+
+    cfg = load_config(str(RECIPES / "toy_dppo.yaml"),
+                      [*tiny_overrides(tiny_base, iterations=10), "rewards.nonfinite=drop",
+                       "rewards.max_empty_iterations=2", "eval.every=0", "eval.at_start=false",
+                       "rewards.items=[{name: test_all_nan}]", "checkpoint.every=100"])
+    trainer = Trainer(resolve(cfg), tmp_path / "run")
+    with pytest.raises(RewardsExhaustedError, match="last 2 iterations"):
+        trainer.run()
+    assert len(read_rows(tmp_path / "run" / "metrics.jsonl")) == 2
