@@ -13,7 +13,6 @@ the image size, ``_resolution_rule``. Diffusers is imported lazily so importing 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +31,7 @@ from .pipeline_checks import (
     read_component_config,
     vae_scale_factor,
 )
+from .prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
 
@@ -47,45 +47,6 @@ def parse_dtype(value: str | torch.dtype, name: str = "dtype") -> torch.dtype:
     if isinstance(value, str) and value in DTYPES:
         return DTYPES[value]
     raise ValueError(f"{name}={value!r}: expected one of {sorted(DTYPES)}")
-
-
-class PromptCache:
-    """Least-recently-used cache of per-prompt encodings, kept on the CPU.
-
-    Each entry maps a prompt to its rows ``{name: Tensor}`` (no batch dimension). CPU
-    storage bounds accelerator memory: a T5 embedding of 512 tokens is ~4 MB in bf16.
-    """
-
-    def __init__(self, max_size: int = 256) -> None:
-        if max_size < 1:
-            raise ValueError(f"prompt_cache_size={max_size}: must be >= 1")
-        self.max_size = max_size
-        self._rows: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def clear(self) -> None:
-        self._rows.clear()
-
-    def rows(self, prompts: Sequence[str],
-             encode: Callable[[list[str]], dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Rows for ``prompts``; the missing unique prompts are encoded in one batch."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
-        fresh: dict[str, dict[str, Tensor]] = {}
-        if missing:
-            batch = encode(missing)
-            for i, prompt in enumerate(missing):
-                fresh[prompt] = {k: v[i].detach().to("cpu") for k, v in batch.items()}
-        out = []
-        for prompt in prompts:
-            row = fresh.get(prompt) or self._rows[prompt]
-            self._rows[prompt] = row
-            self._rows.move_to_end(prompt)
-            out.append(row)
-        while len(self._rows) > self.max_size:
-            self._rows.popitem(last=False)
-        return out
 
 
 def scheduler_sigmas(scheduler: Any, num_steps: int, **kwargs: Any) -> Tensor:
