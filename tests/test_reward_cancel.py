@@ -171,7 +171,10 @@ def test_an_error_caused_by_the_stop_surfaces_as_interrupted():
 
 
 _CHILD = """
-import sys, time, torch
+import signal, sys, time, torch
+# A terminal's Ctrl-C, even when this test runs where SIGINT is ignored (a background CI
+# job): Python installs no KeyboardInterrupt handler for a signal ignored at start-up.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from flowdppo.rewards import RewardSet, WeightedReward
 from flowdppo.rewards.remote import RemoteReward
