@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rewards.base import register_monitor, register_reward
+from .clause_rewards import register_clause_rewards
 from .shapes import CLAUSES, COLORS, POSITIONS, SHAPES, Scene, scene_from_metadata, shape_coverage
 
 FG_THRESHOLD = 0.4
@@ -286,56 +286,4 @@ def _evaluate(images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[st
     return clause_scores(judgement, scenes), clause_correct(judgement, scenes)
 
 
-def _clause_reward(clauses: tuple[str, ...]):
-    def reward(images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-               ) -> tuple[Tensor, dict[str, Any]]:
-        scores, correct = _evaluate(images, prompts, metadata)
-        value = torch.stack([scores[c] for c in clauses]).mean(dim=0).float()
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError("shapes judge produced a non-finite score; are the images finite?")
-        info = {f"score_{c}": scores[c] for c in CLAUSES}
-        info.update({f"correct_{c}": correct[c] for c in CLAUSES})
-        return value, info
-
-    return reward
-
-
-@register_reward("shapes_clauses")
-def shapes_clauses(device: str = "cpu"):
-    """Mean of the four soft clause scores (colour, shape, position, count), in [0, 1].
-
-    ``info`` holds ``score_<clause>`` (soft, `(B,)`) and ``correct_<clause>`` (hard, bool).
-    ``device`` is accepted for the factory protocol; the judge runs on the CPU.
-    """
-    del device
-    return _clause_reward(CLAUSES)
-
-
-def _single_clause_factory(clause: str):
-    def factory(device: str = "cpu"):
-        del device
-        return _clause_reward((clause,))
-
-    factory.__doc__ = f"Soft {clause} score of the shapes judge, in [0, 1]."
-    return factory
-
-
-for _clause in CLAUSES:
-    register_reward(f"shapes_{_clause}")(_single_clause_factory(_clause))
-
-
-@register_monitor("shapes_judge")
-def shapes_judge(device: str = "cpu"):
-    """Per-clause accuracy of the judge's hard predictions, their conjunction (all four right,
-    GenEval's "correct image") and the mean soft score: ``dict[str, float]``."""
-    del device
-
-    def monitor(images: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-                ) -> dict[str, float]:
-        scores, correct = _evaluate(images, prompts, metadata)
-        out = {f"shapes_acc_{c}": float(correct[c].float().mean()) for c in CLAUSES}
-        out["shapes_acc_all"] = float(torch.stack([correct[c] for c in CLAUSES]).all(0).float().mean())
-        out["shapes_score"] = float(torch.stack([scores[c] for c in CLAUSES]).mean())
-        return out
-
-    return monitor
+register_clause_rewards("shapes", CLAUSES, _evaluate)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..rewards.base import register_monitor, register_reward
 from ..rewards.video import video_frames
 from . import shapes_rewards
+from .clause_rewards import register_clause_rewards
 from .shapes import COLORS, SHAPES
 from .video import CLAUSES, DIRECTIONS, Clip, clip_from_metadata
 
@@ -143,56 +143,4 @@ def _evaluate(clips: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str
     return clause_scores(judgement, targets), clause_correct(judgement, targets)
 
 
-def _clause_reward(clauses: tuple[str, ...]):
-    def reward(clips: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-               ) -> tuple[Tensor, dict[str, Any]]:
-        scores, correct = _evaluate(clips, prompts, metadata)
-        value = torch.stack([scores[c] for c in clauses]).mean(dim=0).float()
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError("video judge produced a non-finite score; are the clips finite?")
-        info = {f"score_{c}": scores[c] for c in CLAUSES}
-        info.update({f"correct_{c}": correct[c] for c in CLAUSES})
-        return value, info
-
-    return reward
-
-
-@register_reward("video_clauses")
-def video_clauses(device: str = "cpu"):
-    """Mean of the three soft clause scores (colour, shape, direction of motion), in [0, 1].
-
-    ``info`` holds ``score_<clause>`` (soft, `(B,)`) and ``correct_<clause>`` (hard, bool).
-    ``device`` is accepted for the factory protocol; the judge runs on the CPU.
-    """
-    del device
-    return _clause_reward(CLAUSES)
-
-
-def _single_clause_factory(clause: str):
-    def factory(device: str = "cpu"):
-        del device
-        return _clause_reward((clause,))
-
-    factory.__doc__ = f"Soft {clause} score of the video judge, in [0, 1]."
-    return factory
-
-
-for _clause in CLAUSES:
-    register_reward(f"video_{_clause}")(_single_clause_factory(_clause))
-
-
-@register_monitor("video_judge")
-def video_judge(device: str = "cpu"):
-    """Per-clause accuracy of the judge's hard predictions, their conjunction (all three right)
-    and the mean soft score: ``dict[str, float]``."""
-    del device
-
-    def monitor(clips: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-                ) -> dict[str, float]:
-        scores, correct = _evaluate(clips, prompts, metadata)
-        out = {f"video_acc_{c}": float(correct[c].float().mean()) for c in CLAUSES}
-        out["video_acc_all"] = float(torch.stack([correct[c] for c in CLAUSES]).all(0).float().mean())
-        out["video_score"] = float(torch.stack([scores[c] for c in CLAUSES]).mean())
-        return out
-
-    return monitor
+register_clause_rewards("video", CLAUSES, _evaluate)
