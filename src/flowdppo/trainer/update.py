@@ -18,6 +18,7 @@ recomputed before the first step by the update's own forward in grad mode.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,6 +178,4 @@ class Updater:
 
 
 def _with_advantages(source: BatchSource, advantages: Tensor) -> BatchSource:
-    import dataclasses
-
     return dataclasses.replace(source, advantages=advantages)
