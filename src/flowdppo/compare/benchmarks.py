@@ -68,6 +68,14 @@ BENCHMARKS: dict[str, Benchmark] = {
                 [{"name": "shapes_judge"}, {"name": "diversity"}]),
         iterations=30, quick_iterations=20, eval_every=10,
     ),
+    # Headroom: RL on the held-out colour-shape pairs the base never saw (shape accuracy at
+    # chance), rewarded on the shape clause; evaluated on those pairs at unseen placements.
+    "shapes_novel": Benchmark(
+        "shapes_novel", 768,
+        _recipe("builtin:shapes", "shapes_novel", [{"name": "shapes_shape", "weight": 1.0}],
+                [{"name": "shapes_judge"}, {"name": "shapes_silhouette"}, {"name": "diversity"}]),
+        iterations=30, quick_iterations=20, eval_every=10,
+    ),
     # Clips (3, 4, 16, 16) of a moving shape, D = 3072; the monitors are never trained on.
     "video": Benchmark(
         "video", 3072,

@@ -17,7 +17,7 @@ from ..registry import Registry, import_dotted
 _BUILTIN_MODULES = ("flowdppo.worlds.digits", "flowdppo.worlds.shapes", "flowdppo.worlds.video")
 # The worlds' reward and monitor modules (registered into `flowdppo.rewards`' registries).
 _REWARD_MODULES = ("flowdppo.worlds.digits_rewards", "flowdppo.worlds.shapes_rewards",
-                   "flowdppo.worlds.video_rewards")
+                   "flowdppo.worlds.shapes_silhouette", "flowdppo.worlds.video_rewards")
 _load_modules = module_loader(_BUILTIN_MODULES)
 load_world_rewards = module_loader(_REWARD_MODULES)
 

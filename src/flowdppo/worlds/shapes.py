@@ -245,6 +245,27 @@ def shapes_prompts(**kwargs: Any) -> PromptSplits:
     return PromptSplits(items[0], items[1])
 
 
+NOVEL_TRAIN_POSITIONS = ("left", "right")  # shapes_novel: RL prompts; top/bottom are evaluated
+
+
+@register_prompts("shapes_novel")
+def shapes_novel_prompts(**kwargs: Any) -> PromptSplits:
+    """Prompt source "shapes_novel": RL on what the base never saw (a benchmark with headroom).
+
+    Both splits hold only the held-out (colour, shape) pairs, which the base model never
+    saw: training prompts put them on the left or right (16 captions), evaluation prompts
+    at the top or bottom (16 captions, never trained on by the base or by RL), so a gain on
+    evaluation is a gain on unseen pairs that carries over to unseen placements.
+    """
+    if kwargs:
+        raise ValueError(f"prompt source 'shapes_novel' takes no options; got {sorted(kwargs)}")
+    _, held = split_scenes()
+    train = [s for s in held if s.position in NOVEL_TRAIN_POSITIONS]
+    evaluation = [s for s in held if s.position not in NOVEL_TRAIN_POSITIONS]
+    return PromptSplits(*([PromptItem(s.caption, s.metadata()) for s in part]
+                          for part in (train, evaluation)))
+
+
 # --- base model ---------------------------------------------------------------------------
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_base"
