@@ -29,11 +29,12 @@ def fake_run_one(root, spec, threads):
     path = runner.run_dir(root, spec)
     path.mkdir(parents=True, exist_ok=True)
     config = spec.config
-    iterations, every = config["train"]["num_iterations"], config["eval"]["every"]
+    iterations, every = config["train"]["num_iterations"], config["eval"]["every"] or 10**9
     final_reward, final_kl = _fake_final(spec.method, spec.factor, config["optim"]["lr"], spec.seed)
     names = [item["name"] for item in config["rewards"]["items"]]
     eval_rows, metric_rows = [], []
-    steps = sorted({*range(0, iterations, every), iterations})
+    steps = sorted({*range(0, iterations, every), iterations} - ({0} if not config["eval"].get(
+        "at_start", True) else set()))
     for step in steps:
         w = step / iterations
         row = {"step": step, "reward_mean": 0.3 + w * (final_reward - 0.3), "reward_std": 0.1,
@@ -47,6 +48,7 @@ def fake_run_one(root, spec, threads):
                             "diag_corr_logr_negkl": None if step == 1 else 0.1})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metric_rows))
     (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    (path / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture
@@ -231,4 +233,36 @@ def test_tuned_refuses_overlapping_seeds_and_lr_x3(fake_training, tmp_path, caps
     assert "share [1000]" in capsys.readouterr().err
     assert _tuned(tmp_path, "--variants", "lr_x3") == 2
     assert "grids the learning rate" in capsys.readouterr().err
+    assert fake_training == []
+
+
+def test_tuning_runs_evaluate_once_and_transfers_run_at_the_chosen_points(fake_training, tmp_path):
+    assert _tuned(tmp_path, "--grid-points", "3", "--grid-span", "100", "--lrs", "1e-3",
+                  "--kl-budget", "10", "--transfer", "lag_2,multi_gdpo") == 0
+    tune_dir = tmp_path / "runs" / "tune_main_x0.1_lr0.001" / "dppo" / "seed1000"
+    rows = [json.loads(line) for line in (tune_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4]  # no base or intermediate evaluation
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    chosen = payload["settings"]["main"]["heldout"]["methods"]
+    for variant in ("lag_2", "multi_gdpo"):
+        moved = payload["settings"][f"{variant}@main"]
+        assert moved["transferred_from"] == "main"
+        for method in ("dppo", "grpo"):
+            row = moved["heldout"]["methods"][method]
+            assert (row["factor"], row["lr"]) == (chosen[method]["factor"], chosen[method]["lr"])
+            assert set(row["per_seed"]) == {"0", "1", "2"}
+    runs = {n for n in fake_training if n.startswith("heldout_lag_2")}
+    assert len(runs) == 2 * 3
+    for name in runs:
+        config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        assert config["train"]["policy_lag"] == 2 and config["eval"].get("at_start", True)
+    md = (tmp_path / "compare.md").read_text()
+    assert "## multi_gdpo at the points chosen for main" in md and "min component" in md
+    assert (tmp_path / "heldout_reward_lag_2_at_main.png").is_file()
+
+
+def test_transfer_rejects_unknown_and_lr_variants(fake_training, tmp_path, capsys):
+    assert _tuned(tmp_path, "--transfer", "lag_x") == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert _tuned(tmp_path, "--transfer", "lr_x3") == 2
     assert fake_training == []

@@ -58,6 +58,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     tuned.add_argument("--heldout-seeds", default=None, help="seeds of the reported runs (default: --seeds)")
     tuned.add_argument("--kl-budget", type=float, default=1.0,
                        help="selection's bound on the mean final KL to the reference (default 1.0)")
+    tuned.add_argument("--transfer", default=None,
+                       help="comma-separated stress variants (updates_<n>, lag_<k>, multi_sum, "
+                            "multi_gdpo) run on the held-out seeds at the points chosen for the "
+                            "first tuned setting, without tuning of their own")
     parser.set_defaults(func=run_compare)
 
 
@@ -66,7 +70,7 @@ def rebuild_command(args: argparse.Namespace) -> str:
     parts = ["flowdppo", "compare"]
     for flag in ("benchmark", "protocol", "methods", "seeds", "output_dir", "variants", "iterations",
                  "device", "jobs", "grid_points", "grid_span", "lrs", "tuning_seeds",
-                 "heldout_seeds", "kl_budget"):
+                 "heldout_seeds", "kl_budget", "transfer"):
         value = getattr(args, flag, None)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), str(value)]
@@ -162,8 +166,11 @@ def _tuned(args, plan, root, bench, methods, variants, iterations, jobs, threads
     from .tuned import run_tuned
     from .tuned_report import write_tuned_report
 
+    transfers = [v for v in (args.transfer or "").split(",") if v]
+    if "lr_x3" in transfers:
+        raise ValueError("--transfer lr_x3: the tuned protocol grids the learning rate itself (--lrs)")
     results = run_tuned(root, bench, methods, variants, plan, iterations, args.device,
-                        lambda r, specs: execute(r, specs, jobs, threads))
+                        lambda r, specs: execute(r, specs, jobs, threads), transfers)
     return lambda: write_tuned_report(root, bench, plan, results, time.perf_counter() - start)
 
 

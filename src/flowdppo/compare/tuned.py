@@ -52,16 +52,28 @@ class SettingResult:
 
     selections: dict[str, Selection]
     heldout: dict[str, list[RunCurves]]
+    # A stress setting run at another setting's chosen points (not tuned on its own).
+    transferred_from: str | None = None
 
 
 def point_label(setting: str, factor: float, lr: float) -> str:
     return f"{setting}_x{factor:.4g}_lr{lr:.3g}"
 
 
+# Tuning runs are read at their final evaluation only (the selection rule, the frontier and
+# the knob curves use nothing else), so they skip the base and intermediate evaluations
+# and the image grids: a third of a digits run's time.
+FINAL_EVAL_ONLY = {"eval": {"every": 0, "at_start": False, "grid": False}}
+
+
 def _point_run(bench: Benchmark, method: str, seed: int, variant: str, setting: str, factor: float,
-               lr: float, iterations: int, device: str) -> RunSpec:
+               lr: float, iterations: int, device: str, final_eval_only: bool = False) -> RunSpec:
     extra = deep_merge(variant_overrides(bench, setting), {"optim": {"lr": lr}})
-    return make_run(bench, method, seed, variant, iterations, factor, extra, device)
+    spec = make_run(bench, method, seed, variant, iterations, factor, extra, device)
+    if final_eval_only:
+        spec = RunSpec(spec.variant, spec.method, spec.seed, deep_merge(spec.config, FINAL_EVAL_ONLY),
+                       spec.factor)
+    return spec
 
 
 def tuning_runs(bench: Benchmark, methods: Sequence[str], plan: TunedPlan, setting: str,
@@ -81,7 +93,8 @@ def tuning_runs(bench: Benchmark, methods: Sequence[str], plan: TunedPlan, setti
                 continue
             for lr in plan.lrs:
                 variant = "tune_" + point_label(setting, factor, lr)
-                runs += [_point_run(bench, method, seed, variant, setting, factor, lr, iterations, device)
+                runs += [_point_run(bench, method, seed, variant, setting, factor, lr, iterations,
+                                    device, final_eval_only=True)
                          for seed in plan.tuning_seeds]
     return runs
 
@@ -116,20 +129,40 @@ def heldout_runs(bench: Benchmark, selections: dict[str, Selection], plan: Tuned
     return runs
 
 
+def transfer_key(variant: str, source: str) -> str:
+    """The result key of stress variant ``variant`` run at setting ``source``'s points."""
+    return f"{variant}@{source}"
+
+
 def run_tuned(root: Path, bench: Benchmark, methods: Sequence[str], settings: Sequence[str],
-              plan: TunedPlan, iterations: int, device: str, execute) -> dict[str, SettingResult]:
+              plan: TunedPlan, iterations: int, device: str, execute,
+              transfers: Sequence[str] = ()) -> dict[str, SettingResult]:
     """Tune (all settings' grids in one batch of runs), select, then run the held-out seeds.
 
-    ``execute(root, specs)`` runs the unfinished specs (finished ones are reused)."""
+    ``transfers``: stress variants (``updates_4``, ``lag_2``, ``multi_gdpo``, ...) run on the
+    held-out seeds at each method's point chosen for the first setting, with no tuning of
+    their own: how a method tuned in one regime holds up when the regime changes (more
+    reuse, staler rollouts, other rewards). ``execute(root, specs)`` runs the unfinished
+    specs (finished ones are reused)."""
+    if transfers and not settings:
+        raise ValueError("--transfer needs a tuned setting to take the points from")
     grids = {s: tuning_runs(bench, methods, plan, s, iterations, device) for s in settings}
+    for variant in transfers:
+        variant_overrides(bench, variant)  # unknown names fail before any run starts
     execute(root, [spec for runs in grids.values() for spec in runs])
     selections = {s: select_all(root, grids[s], plan) for s in settings}
     held = {s: heldout_runs(bench, selections[s], plan, s, iterations, device) for s in settings}
+    source = settings[0] if settings else ""
+    for variant in transfers:
+        held[transfer_key(variant, source)] = heldout_runs(bench, selections[source], plan, variant,
+                                                           iterations, device)
     execute(root, [spec for runs in held.values() for spec in runs])
     out = {}
-    for setting in settings:
+    for key, specs in held.items():
         curves: dict[str, list[RunCurves]] = {}
-        for spec in held[setting]:
+        for spec in specs:
             curves.setdefault(spec.method, []).append(load_run(run_dir(root, spec), spec.method, spec.seed))
-        out[setting] = SettingResult(selections[setting], curves)
+        from_setting = source if key not in selections else None
+        out[key] = SettingResult(selections[key if from_setting is None else source], curves,
+                                 from_setting)
     return out

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import plots
 from .methods import get_method
-from .report import KL_UNIT, aggregate, markdown_table, run_summary
+from .report import KL_UNIT, _cell, aggregate, markdown_table, run_summary
+from .runner import MULTI_MODES
 from .tuned import SettingResult, TunedPlan
 from .tuning import TIE_TOL, WORKING_TOL, Selection, bootstrap_diff_ci, working_range
 
@@ -116,6 +117,9 @@ def write_tuned_report(root: Path, bench, plan: TunedPlan, results: dict[str, Se
                                "heldout_seeds": list(plan.heldout_seeds), "settings": {}}
     figures: list[Path] = []
     for setting, result in results.items():
+        if result.transferred_from is not None:
+            figures += _transfer_section(root, setting, result, bench, lines, payload)
+            continue
         held_md, held = heldout_table(result, bench)
         range_md, ranges = range_table(result.selections)
         grid_md, grid = grid_table(result.selections, bench)
@@ -132,6 +136,35 @@ def write_tuned_report(root: Path, bench, plan: TunedPlan, results: dict[str, Se
     (root / "compare.json").write_text(json.dumps(payload, indent=2))
     (root / "compare.md").write_text("\n".join(lines) + "\n")
     return [root / "compare.md", root / "compare.json", *figures]
+
+
+def _transfer_section(root: Path, key: str, result: SettingResult, bench, lines: list[str],
+                      payload: dict[str, Any]) -> list[Path]:
+    """A stress variant run at another setting's chosen points: held-out tables only (its
+    grid is that setting's), plus the reward components when it trains on them."""
+    variant = key.split("@")[0]
+    held_md, held = heldout_table(result, bench)
+    summary = aggregate(result.heldout, bench.lower_is_better)
+    name = key.replace("@", "_at_")
+    lines += [f"## {variant} at the points chosen for {result.transferred_from} (held-out seeds, "
+              "not tuned for this variant)", "", held_md, "",
+              "All columns of the standard table, held-out seeds:", "", markdown_table(summary), ""]
+    if variant in MULTI_MODES:
+        names = [k.removeprefix("reward_") for k in bench.component_keys]
+        lines += [f"Reward components ({MULTI_MODES[variant]}), final, held-out seeds:", "",
+                  "| method | " + " | ".join(names) + " | min component |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for method, stats in summary["methods"].items():
+            means = [stats.get(f"reward_{n}_final", {}).get("mean", math.nan) for n in names]
+            lines.append(f"| {method} | " + " | ".join(_cell(stats, f"reward_{n}_final") for n in names)
+                         + f" | {min(means):.3f} |")
+        lines.append("")
+    lines += [f"![held-out reward](heldout_reward_{name}.png)", ""]
+    payload["settings"][key] = {"transferred_from": result.transferred_from, "heldout": held,
+                                "heldout_aggregate": summary}
+    images_per_step = bench.recipe["sampling"]["num_groups"] * bench.recipe["sampling"]["group_size"]
+    return [plots.curves_vs_images(result.heldout, "reward_mean", f"held-out reward ({key})",
+                                   root / f"heldout_reward_{name}.png", images_per_step)]
 
 
 def _setting_figures(root: Path, setting: str, result: SettingResult, bench) -> list[Path]:
