@@ -258,6 +258,9 @@ def test_tuning_runs_evaluate_once_and_transfers_run_at_the_chosen_points(fake_t
         assert config["train"]["policy_lag"] == 2 and config["eval"].get("at_start", True)
     md = (tmp_path / "compare.md").read_text()
     assert "## multi_gdpo at the points chosen for main" in md and "min component" in md
+    change = payload["settings"]["lag_2@main"]["heldout"]["methods"]["grpo"]["change_from_source"]
+    assert change["final_reward"]["diff"] == pytest.approx(0.0)  # the fake ignores the lag
+    assert "Change from main to lag_2" in md
     assert (tmp_path / "heldout_reward_lag_2_at_main.png").is_file()
 
 
@@ -266,3 +269,12 @@ def test_transfer_rejects_unknown_and_lr_variants(fake_training, tmp_path, capsy
     assert "unknown variant" in capsys.readouterr().err
     assert _tuned(tmp_path, "--transfer", "lr_x3") == 2
     assert fake_training == []
+
+
+def test_transfer_methods_follow_each_study():
+    from flowdppo.compare.tuned import transfer_methods
+
+    methods = ["dppo", "grpo", "guard", "nft"]
+    assert transfer_methods("updates_4", methods) == ["dppo", "grpo"]
+    assert transfer_methods("multi_gdpo", methods) == ["dppo", "grpo"]
+    assert transfer_methods("lag_2", methods) == methods

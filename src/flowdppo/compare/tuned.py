@@ -19,7 +19,7 @@ from pathlib import Path
 from .benchmarks import Benchmark
 from .methods import get_method
 from .report import RunCurves, load_run
-from .runner import RunSpec, deep_merge, make_run, run_dir, variant_overrides
+from .runner import MULTI_EPOCH_METHODS, RunSpec, deep_merge, make_run, run_dir, variant_overrides
 from .tuning import PointResult, Selection, select_best
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,19 @@ def heldout_runs(bench: Benchmark, selections: dict[str, Selection], plan: Tuned
     return runs
 
 
+# Transferred stress variants run for the methods of their study only: multi-epoch reuse for
+# the likelihood-ratio methods of the multi-epoch study, the multi-reward study for DPPO and
+# GRPO (issue 14); staleness for every method.
+TRANSFER_STUDIES = {"updates_": MULTI_EPOCH_METHODS, "multi_": ("dppo", "grpo")}
+
+
+def transfer_methods(variant: str, methods: Sequence[str]) -> list[str]:
+    for prefix, study in TRANSFER_STUDIES.items():
+        if variant.startswith(prefix):
+            return [m for m in methods if m in study]
+    return list(methods)
+
+
 def transfer_key(variant: str, source: str) -> str:
     """The result key of stress variant ``variant`` run at setting ``source``'s points."""
     return f"{variant}@{source}"
@@ -154,8 +167,9 @@ def run_tuned(root: Path, bench: Benchmark, methods: Sequence[str], settings: Se
     held = {s: heldout_runs(bench, selections[s], plan, s, iterations, device) for s in settings}
     source = settings[0] if settings else ""
     for variant in transfers:
-        held[transfer_key(variant, source)] = heldout_runs(bench, selections[source], plan, variant,
-                                                           iterations, device)
+        chosen = {m: selections[source][m] for m in transfer_methods(variant, methods)}
+        held[transfer_key(variant, source)] = heldout_runs(bench, chosen, plan, variant, iterations,
+                                                           device)
     execute(root, [spec for runs in held.values() for spec in runs])
     out = {}
     for key, specs in held.items():

@@ -148,7 +148,9 @@ def _transfer_section(root: Path, key: str, result: SettingResult, bench, lines:
     name = key.replace("@", "_at_")
     lines += [f"## {variant} at the points chosen for {result.transferred_from} (held-out seeds, "
               "not tuned for this variant)", "", held_md, "",
-              "All columns of the standard table, held-out seeds:", "", markdown_table(summary), ""]
+              "All columns of the standard table, held-out seeds:", "", markdown_table(summary), "",
+              _change_table(held, payload["settings"][result.transferred_from]["heldout"], variant,
+                            result.transferred_from), ""]
     if variant in MULTI_MODES:
         names = [k.removeprefix("reward_") for k in bench.component_keys]
         lines += [f"Reward components ({MULTI_MODES[variant]}), final, held-out seeds:", "",
@@ -165,6 +167,27 @@ def _transfer_section(root: Path, key: str, result: SettingResult, bench, lines:
     images_per_step = bench.recipe["sampling"]["num_groups"] * bench.recipe["sampling"]["group_size"]
     return [plots.curves_vs_images(result.heldout, "reward_mean", f"held-out reward ({key})",
                                    root / f"heldout_reward_{name}.png", images_per_step)]
+
+
+def _change_table(moved: dict[str, Any], source: dict[str, Any], variant: str, source_name: str) -> str:
+    """Per method, the change from the source setting to ``variant`` at the same point, paired
+    by held-out seed: what the stress costs each method (the table above compares methods)."""
+    lines = [f"Change from {source_name} to {variant}, same method and point, paired by seed:", "",
+             "| method | Δ final reward [95% CI] | Δ final KL [95% CI] |", "|---|---|---|"]
+    for method, row in moved["methods"].items():
+        before = source["methods"].get(method, {}).get("per_seed", {})
+        seeds = sorted(set(row["per_seed"]) & set(before), key=int)
+        cells = []
+        for key in ("final_reward", "final_kl_ref"):
+            if not seeds:
+                cells.append("–")
+                continue
+            diff, low, high = bootstrap_diff_ci([row["per_seed"][s][key] for s in seeds],
+                                                [before[s][key] for s in seeds])
+            row.setdefault("change_from_source", {})[key] = {"diff": diff, "low": low, "high": high}
+            cells.append(_diff_cell({"diff": diff, "low": low, "high": high}))
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def _setting_figures(root: Path, setting: str, result: SettingResult, bench) -> list[Path]:
