@@ -261,6 +261,11 @@ def test_tuning_runs_evaluate_once_and_transfers_run_at_the_chosen_points(fake_t
     change = payload["settings"]["lag_2@main"]["heldout"]["methods"]["grpo"]["change_from_source"]
     assert change["final_reward"]["diff"] == pytest.approx(0.0)  # the fake ignores the lag
     assert "Change from main to lag_2" in md
+    claims = {c["name"]: c for c in payload["claims"]}
+    assert set(claims) == {"higher reward at lower KL", "less forgetting", "balanced multi-objective",
+                           "robust to staleness"}
+    assert claims["robust to staleness"]["setting"] == "lag_2@main"
+    assert "## The paper's claims on these held-out runs" in md
     assert (tmp_path / "heldout_reward_lag_2_at_main.png").is_file()
 
 

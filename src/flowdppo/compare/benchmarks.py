@@ -28,6 +28,9 @@ class Benchmark:
     lower_is_better: tuple[str, ...] = ("fd",)
     # Reward components trained on by the multi_sum / multi_gdpo variants (equal weights).
     multi_rewards: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # Monitor keys (as evaluation rows name them) that measure what training should not
+    # lose: the "less forgetting" claim reads their final values (compare/claims.py).
+    forgetting_monitors: tuple[str, ...] = ()
 
     @property
     def component_keys(self) -> tuple[str, ...]:
@@ -61,12 +64,14 @@ BENCHMARKS: dict[str, Benchmark] = {
                  {"name": "diversity"}, {"name": "digit_fd"}]),
         iterations=30, quick_iterations=20, eval_every=10,
         multi_rewards=({"name": "digit_label", "weight": 0.5}, {"name": "digit_ink", "weight": 0.5}),
+        forgetting_monitors=("judge_acc", "digit_fd", "diversity"),
     ),
     "shapes": Benchmark(
         "shapes", 768,
         _recipe("builtin:shapes", "shapes", [{"name": "shapes_clauses", "weight": 1.0}],
                 [{"name": "shapes_judge"}, {"name": "diversity"}]),
         iterations=30, quick_iterations=20, eval_every=10,
+        forgetting_monitors=("shapes_acc_count", "shapes_acc_position", "diversity"),
     ),
     # Headroom: RL on the held-out colour-shape pairs the base never saw (shape accuracy at
     # chance), rewarded on the shape clause; evaluated on those pairs at unseen placements.
@@ -75,6 +80,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         _recipe("builtin:shapes", "shapes_novel", [{"name": "shapes_shape", "weight": 1.0}],
                 [{"name": "shapes_judge"}, {"name": "shapes_silhouette"}, {"name": "diversity"}]),
         iterations=30, quick_iterations=20, eval_every=10,
+        forgetting_monitors=("shapes_acc_color", "shapes_acc_count", "shapes_acc_position", "diversity"),
     ),
     # Clips (3, 4, 16, 16) of a moving shape, D = 3072; the monitors are never trained on.
     "video": Benchmark(

@@ -4,6 +4,7 @@ range, every grid point, the reward-vs-KL frontier and knob-vs-reward curves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import plots
+from .claims import check_claims, claims_table
 from .methods import get_method
 from .report import KL_UNIT, _cell, aggregate, markdown_table, run_summary
 from .runner import MULTI_MODES
@@ -29,6 +31,10 @@ RULE = ("On the tuning seeds only, each grid point (knob factor x learning rate)
 
 def _per_seed(curves, bench) -> dict[int, dict[str, float]]:
     return {c.seed: run_summary(c, math.nan, bench.lower_is_better) for c in curves if len(c.eval_rows) >= 2}
+
+
+def _per_seed_all(result: SettingResult, bench) -> dict[str, dict[int, dict[str, float]]]:
+    return {m: _per_seed(curves, bench) for m, curves in result.heldout.items()}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -133,6 +139,15 @@ def write_tuned_report(root: Path, bench, plan: TunedPlan, results: dict[str, Se
         payload["settings"][setting] = {"heldout": held, "heldout_aggregate": summary,
                                         "working_range": ranges, "grid": grid,
                                         "within_budget": {m: s.within_budget for m, s in result.selections.items()}}
+    claims = check_claims({key: _per_seed_all(result, bench) for key, result in results.items()},
+                          monitors=[f"{k}_final" for k in bench.forgetting_monitors],
+                          lower_is_better=bench.lower_is_better,
+                          components=[f"{k}_final" for k in bench.component_keys])
+    if claims:
+        lines += ["## The paper's claims on these held-out runs", "", claims_table(claims), "",
+                  "Verdict rules: `src/flowdppo/compare/claims.py`. With few seeds the intervals "
+                  "are coarse: a difference not shown is not a difference ruled out.", ""]
+        payload["claims"] = [dataclasses.asdict(c) for c in claims]
     (root / "compare.json").write_text(json.dumps(payload, indent=2))
     (root / "compare.md").write_text("\n".join(lines) + "\n")
     return [root / "compare.md", root / "compare.json", *figures]
