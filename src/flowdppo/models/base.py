@@ -101,7 +101,8 @@ class FlowModel(ABC):
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
-        """Images of shape `(B, image_channels, H, W)`, float32 in [0, 1]."""
+        """Images of shape `(B, image_channels, H, W)` (video models: `(B, image_channels, F,
+        H, W)`, F frames), float32 in [0, 1]."""
 
     @abstractmethod
     def sigmas(self, num_steps: int) -> Tensor:

@@ -2,7 +2,8 @@
 
 A reward is a callable ``(images, prompts, metadata) -> (rewards, info)``:
 
-- ``images``: `Tensor` of shape `(B, C, H, W)`, float32 in [0, 1], on any device.
+- ``images``: `Tensor` of shape `(B, C, H, W)`, or `(B, C, F, H, W)` for video models (F
+  frames), float32 in [0, 1], on any device.
 - ``prompts``: `list[str]` of length B; ``metadata``: `list[dict]` of length B.
 - ``rewards``: `Tensor` of shape `(B,)`, float32 on the CPU; ``info``: a dict of extras
   (per-image details, timings) that the trainer may log.
