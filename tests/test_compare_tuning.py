@@ -94,3 +94,14 @@ def test_bootstrap_interval_by_hand():
     assert bootstrap_diff_ci([1, 2, 4], [0, 0, 0], seed=7) == bootstrap_diff_ci([1, 2, 4], [0, 0, 0], seed=7)
     with pytest.raises(ValueError, match="paired"):
         bootstrap_diff_ci([1.0, 2.0], [1.0])
+
+
+def test_grid_edges_name_the_ends_the_choice_sits_on():
+    from flowdppo.compare.tuned_report import grid_edges
+
+    points = [PointResult(f, lr, 0, reward, 0.1) for f, lr, reward in
+              [(0.1, 1e-3, 0.5), (1.0, 1e-3, 0.6), (10.0, 1e-3, 0.7), (0.1, 3e-3, 0.5), (1.0, 3e-3, 0.9),
+               (10.0, 3e-3, 0.6)]]
+    assert grid_edges(select_best(points, [0], kl_budget=1.0)) == ["largest lr"]
+    points[2] = PointResult(10.0, 1e-3, 0, 0.95, 0.1)
+    assert grid_edges(select_best(points, [0], kl_budget=1.0)) == ["largest factor", "smallest lr"]

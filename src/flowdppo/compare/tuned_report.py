@@ -76,19 +76,34 @@ def _diff_cell(d: dict[str, float] | None) -> str:
     return "–" if d is None else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def grid_edges(selection: Selection) -> list[str]:
+    """Which ends of the grid the chosen point sits on (its optimum may lie beyond them)."""
+    factors = sorted({p.factor for p in selection.points})
+    lrs = sorted({p.lr for p in selection.points})
+    best, edges = selection.best, []
+    for name, value, values in (("factor", best.factor, factors), ("lr", best.lr, lrs)):
+        if len(values) > 1 and value == values[0]:
+            edges.append(f"smallest {name}")
+        elif len(values) > 1 and value == values[-1]:
+            edges.append(f"largest {name}")
+    return edges
+
+
 def range_table(selections: dict[str, Selection]) -> tuple[str, dict[str, Any]]:
     lines = [f"| method | chosen (factor, lr) | tuning reward | tuning KL | within budget | share of grid "
-             f"within {WORKING_TOL} | share of knob grid at chosen lr | factor span |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"within {WORKING_TOL} | share of knob grid at chosen lr | factor span | chosen at grid edge |",
+             "|---|---|---|---|---|---|---|---|---|"]
     numbers = {}
     for method, sel in selections.items():
         wr, b = working_range(sel), sel.best
+        edges = grid_edges(sel)
         numbers[method] = {"share_of_grid": wr.share_of_grid, "share_of_knob": wr.share_of_knob,
                            "factor_low": wr.factor_low, "factor_high": wr.factor_high,
-                           "factor_span": wr.factor_span}
+                           "factor_span": wr.factor_span, "grid_edges": edges}
         lines.append(f"| {method} | ×{b.factor:.3g}, {b.lr:.3g} | {b.reward:.3f} | {b.kl:.3g} | "
                      f"{'yes' if sel.within_budget else '**no**'} | {wr.share_of_grid:.2f} | "
-                     f"{wr.share_of_knob:.2f} | {wr.factor_span:.3g}× (×{wr.factor_low:.3g}–×{wr.factor_high:.3g}) |")
+                     f"{wr.share_of_knob:.2f} | {wr.factor_span:.3g}× (×{wr.factor_low:.3g}–×{wr.factor_high:.3g}) | "
+                     f"{', '.join(edges) or 'no'} |")
     return "\n".join(lines), numbers
 
 
