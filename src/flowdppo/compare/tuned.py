@@ -69,11 +69,9 @@ FINAL_EVAL_ONLY = {"eval": {"every": 0, "at_start": False, "grid": False}}
 def _point_run(bench: Benchmark, method: str, seed: int, variant: str, setting: str, factor: float,
                lr: float, iterations: int, device: str, final_eval_only: bool = False) -> RunSpec:
     extra = deep_merge(variant_overrides(bench, setting), {"optim": {"lr": lr}})
-    spec = make_run(bench, method, seed, variant, iterations, factor, extra, device)
-    if final_eval_only:
-        spec = RunSpec(spec.variant, spec.method, spec.seed, deep_merge(spec.config, FINAL_EVAL_ONLY),
-                       spec.factor)
-    return spec
+    if final_eval_only:  # `extra` is merged last, over the benchmark's evaluation cadence
+        extra = deep_merge(extra, FINAL_EVAL_ONLY)
+    return make_run(bench, method, seed, variant, iterations, factor, extra, device)
 
 
 def tuning_runs(bench: Benchmark, methods: Sequence[str], plan: TunedPlan, setting: str,
