@@ -283,3 +283,56 @@ def test_transfer_methods_follow_each_study():
     assert transfer_methods("updates_4", methods) == ["dppo", "grpo"]
     assert transfer_methods("multi_gdpo", methods) == ["dppo", "grpo"]
     assert transfer_methods("lag_2", methods) == methods
+
+
+def test_tuning_from_an_earlier_report_reruns_no_grid_and_keeps_the_choice(fake_training, tmp_path):
+    first = tmp_path / "first"
+    assert _tuned(first, "--grid-points", "3", "--grid-span", "100", "--kl-budget", "10") == 0
+    recorded = json.loads((first / "compare.json").read_text())
+    assert recorded["iterations"] == 4 and recorded["tuning_from"] is None
+    fake_training.clear()
+    second = tmp_path / "second"
+    assert _tuned(second, "--grid-points", "3", "--grid-span", "100", "--kl-budget", "10",
+                  "--tuning-from", str(first / "compare.json"), "--transfer", "lag_2") == 0
+    assert fake_training and not [n for n in fake_training if n.startswith("tune_")]
+    again = json.loads((second / "compare.json").read_text())
+    assert again["settings"]["main"]["grid"] == recorded["settings"]["main"]["grid"]
+    for method in ("dppo", "grpo"):
+        before = recorded["settings"]["main"]["heldout"]["methods"][method]
+        after = again["settings"]["main"]["heldout"]["methods"][method]
+        assert (after["factor"], after["lr"], after["per_seed"]) == (before["factor"], before["lr"],
+                                                                     before["per_seed"])
+    assert again["tuning_from"] == str(first / "compare.json")
+    assert "not rerun here" in (second / "compare.md").read_text()
+    # The rule is applied afresh: a budget only the smallest factor meets moves the choice.
+    third = tmp_path / "third"
+    assert _tuned(third, "--grid-points", "3", "--grid-span", "100", "--kl-budget", "0.03",
+                  "--tuning-from", str(first / "compare.json")) == 0
+    moved = json.loads((third / "compare.json").read_text())["settings"]["main"]["heldout"]["methods"]
+    assert moved["dppo"]["factor"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("flags, field", [(("--iterations", "5"), "iterations"),
+                                          (("--lrs", "1e-3"), "lrs"),
+                                          (("--tuning-seeds", "1000"), "tuning_seeds"),
+                                          (("--methods", "dppo,guard"), "'guard'")])
+def test_tuning_from_a_report_of_another_plan_is_refused_before_any_run(fake_training, tmp_path, capsys,
+                                                                         flags, field):
+    first = tmp_path / "first"
+    assert _tuned(first, "--grid-points", "3", "--grid-span", "100") == 0
+    fake_training.clear()
+    assert _tuned(tmp_path / "second", "--grid-points", "3", "--grid-span", "100", *flags,
+                  "--tuning-from", str(first / "compare.json")) == 2
+    err = capsys.readouterr().err
+    assert "--tuning-from" in err and field in err
+    assert fake_training == []
+
+
+def test_tuning_from_refuses_a_file_that_is_not_a_tuned_report(fake_training, tmp_path, capsys):
+    bad = tmp_path / "compare.json"
+    bad.write_text(json.dumps({"protocol": "standard"}))
+    assert _tuned(tmp_path / "out", "--tuning-from", str(bad)) == 2
+    assert "not a tuned report" in capsys.readouterr().err
+    assert _compare(tmp_path / "std", "--tuning-from", str(bad)) == 2
+    assert "needs --protocol tuned" in capsys.readouterr().err
+    assert fake_training == []

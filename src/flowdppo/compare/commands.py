@@ -62,6 +62,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="comma-separated stress variants (updates_<n>, lag_<k>, multi_sum, "
                             "multi_gdpo) run on the held-out seeds at the points chosen for the "
                             "first tuned setting, without tuning of their own")
+    tuned.add_argument("--tuning-from", default=None, metavar="COMPARE_JSON",
+                       help="take the tuning results from an earlier tuned report's compare.json "
+                            "(same benchmark, iterations, grid and tuning seeds) instead of "
+                            "rerunning the grid; held-out and transfer runs still run")
     parser.set_defaults(func=run_compare)
 
 
@@ -70,7 +74,7 @@ def rebuild_command(args: argparse.Namespace) -> str:
     parts = ["flowdppo", "compare"]
     for flag in ("benchmark", "protocol", "methods", "seeds", "output_dir", "variants", "iterations",
                  "device", "jobs", "grid_points", "grid_span", "lrs", "tuning_seeds",
-                 "heldout_seeds", "kl_budget", "transfer"):
+                 "heldout_seeds", "kl_budget", "transfer", "tuning_from"):
         value = getattr(args, flag, None)
         if value is not None:
             parts += ["--" + flag.replace("_", "-"), str(value)]
@@ -93,6 +97,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from .runner import ALL_VARIANTS, QUICK_VARIANTS, variant_overrides
 
     tuned = args.protocol == "tuned"
+    if getattr(args, "tuning_from", None) and not tuned:
+        raise ValueError("--tuning-from needs --protocol tuned (the standard protocol has no tuning grid)")
     bench = with_overrides(get_benchmark(args.benchmark), args.overrides)
     methods = args.methods.split(",") if args.methods else list(TUNED_METHODS if tuned else DEFAULT_METHODS)
     for method in methods:
@@ -108,9 +114,11 @@ def run_compare(args: argparse.Namespace) -> int:
     jobs = args.jobs or (1 if args.device.startswith("cuda") else max(1, min(4, cores)))
     context = (root, bench, methods, variants, iterations, jobs, max(1, cores // jobs))
     plan = _tuned_plan(args, bench) if tuned else None
+    recorded = _recorded_tuning(args, bench, methods, variants, plan, iterations) if tuned else None
     start = time.perf_counter()
     _prepare_base(bench)
-    report = _tuned(args, plan, *context, start) if tuned else _standard(args, *context, start)
+    report = (_tuned(args, plan, recorded, *context, start) if tuned
+              else _standard(args, *context, start))
     try:
         outputs = report()
     except Exception as err:  # any report fault: the runs are safe, say how to rebuild
@@ -160,7 +168,16 @@ def _tuned_plan(args, bench):
                      tuple(_ints(heldout, "--heldout-seeds")), args.kl_budget)
 
 
-def _tuned(args, plan, root, bench, methods, variants, iterations, jobs, threads, start):
+def _recorded_tuning(args, bench, methods, variants, plan, iterations):
+    """``--tuning-from``'s selections, read and checked before any expensive work."""
+    from .tuned import recorded_selections
+
+    if getattr(args, "tuning_from", None) is None:
+        return None
+    return recorded_selections(Path(args.tuning_from), bench, methods, variants, plan, iterations)
+
+
+def _tuned(args, plan, recorded, root, bench, methods, variants, iterations, jobs, threads, start):
     """Run the tuned protocol; returns the report writer."""
     from .runner import execute
     from .tuned import run_tuned
@@ -169,9 +186,11 @@ def _tuned(args, plan, root, bench, methods, variants, iterations, jobs, threads
     transfers = [v for v in (args.transfer or "").split(",") if v]
     if "lr_x3" in transfers:
         raise ValueError("--transfer lr_x3: the tuned protocol grids the learning rate itself (--lrs)")
+    tuning_from = getattr(args, "tuning_from", None)
     results = run_tuned(root, bench, methods, variants, plan, iterations, args.device,
-                        lambda r, specs: execute(r, specs, jobs, threads), transfers)
-    return lambda: write_tuned_report(root, bench, plan, results, time.perf_counter() - start)
+                        lambda r, specs: execute(r, specs, jobs, threads), transfers, recorded)
+    return lambda: write_tuned_report(root, bench, plan, results, time.perf_counter() - start,
+                                      iterations, tuning_from)
 
 
 def _prepare_base(bench) -> None:

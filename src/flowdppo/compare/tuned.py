@@ -10,6 +10,7 @@ after the chosen point, so a different choice never reuses a stale run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from .benchmarks import Benchmark
 from .methods import get_method
 from .report import RunCurves, load_run
 from .runner import MULTI_EPOCH_METHODS, RunSpec, deep_merge, make_run, run_dir, variant_overrides
-from .tuning import PointResult, Selection, select_best
+from .tuning import PointResult, PointSummary, Selection, select_best, select_point
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,45 @@ def select_all(root: Path, runs: Sequence[RunSpec], plan: TunedPlan) -> dict[str
             for m, results in by_method.items()}
 
 
+def recorded_selections(path: Path, bench: Benchmark, methods: Sequence[str], settings: Sequence[str],
+                        plan: TunedPlan, iterations: int) -> dict[str, dict[str, Selection]]:
+    """Per setting and method, the selection from the grid recorded in an earlier tuned report
+    (its ``compare.json``) instead of rerunning the tuning runs: the rule is applied afresh to
+    the recorded per-point means. The report must match this plan (benchmark, iterations,
+    factors, learning rates, tuning seeds) point for point, so a recorded grid is never
+    silently taken for another one."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--tuning-from {path}: cannot read it as a tuned report's compare.json ({err})") from None
+    if report.get("protocol") != "tuned":
+        raise ValueError(f"--tuning-from {path}: not a tuned report (protocol={report.get('protocol')!r})")
+    expected = {"benchmark": bench.name, "iterations": iterations, "tuning_seeds": list(plan.tuning_seeds)}
+    for key, want in expected.items():
+        if report.get(key) != want:
+            raise ValueError(f"--tuning-from {path}: its {key} is {report.get(key)!r}, this run's is "
+                             f"{want!r}; pass the matching flag or tune afresh without --tuning-from")
+    for key, want in (("factors", plan.factors), ("lrs", plan.lrs)):
+        got = report.get(key) or []
+        if len(got) != len(want) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got, want)):
+            raise ValueError(f"--tuning-from {path}: its grid {key}={got} differ from this run's "
+                             f"{list(want)}; pass the same --grid-points/--grid-span/--lrs")
+    out: dict[str, dict[str, Selection]] = {}
+    for setting in settings:
+        rows = report.get("settings", {}).get(setting, {}).get("grid")
+        if not rows:
+            raise ValueError(f"--tuning-from {path}: no tuned grid for setting {setting!r}")
+        out[setting] = {}
+        for method in methods:
+            points = [PointSummary(r["factor"], r["lr"], r["reward"], r["kl"], tuple(r["seeds"]))
+                      for r in rows if r["method"] == method]
+            if not points:
+                raise ValueError(f"--tuning-from {path}: setting {setting!r} has no grid for method "
+                                 f"{method!r}; drop it from --methods or tune it afresh")
+            out[setting][method] = select_point(points, kl_budget=plan.kl_budget)
+    return out
+
+
 def heldout_runs(bench: Benchmark, selections: dict[str, Selection], plan: TunedPlan, setting: str,
                  iterations: int, device: str) -> list[RunSpec]:
     runs = []
@@ -147,21 +187,26 @@ def transfer_key(variant: str, source: str) -> str:
 
 def run_tuned(root: Path, bench: Benchmark, methods: Sequence[str], settings: Sequence[str],
               plan: TunedPlan, iterations: int, device: str, execute,
-              transfers: Sequence[str] = ()) -> dict[str, SettingResult]:
+              transfers: Sequence[str] = (),
+              recorded: dict[str, dict[str, Selection]] | None = None) -> dict[str, SettingResult]:
     """Tune (all settings' grids in one batch of runs), select, then run the held-out seeds.
 
     ``transfers``: stress variants (``updates_4``, ``lag_2``, ``multi_gdpo``, ...) run on the
     held-out seeds at each method's point chosen for the first setting, with no tuning of
     their own: how a method tuned in one regime holds up when the regime changes (more
     reuse, staler rollouts, other rewards). ``execute(root, specs)`` runs the unfinished
-    specs (finished ones are reused)."""
+    specs (finished ones are reused). ``recorded``: selections from an earlier report
+    (:func:`recorded_selections`); the tuning runs are then not run at all."""
     if transfers and not settings:
         raise ValueError("--transfer needs a tuned setting to take the points from")
-    grids = {s: tuning_runs(bench, methods, plan, s, iterations, device) for s in settings}
     for variant in transfers:
         variant_overrides(bench, variant)  # unknown names fail before any run starts
-    execute(root, [spec for runs in grids.values() for spec in runs])
-    selections = {s: select_all(root, grids[s], plan) for s in settings}
+    if recorded is None:
+        grids = {s: tuning_runs(bench, methods, plan, s, iterations, device) for s in settings}
+        execute(root, [spec for runs in grids.values() for spec in runs])
+        selections = {s: select_all(root, grids[s], plan) for s in settings}
+    else:
+        selections = {s: recorded[s] for s in settings}
     held = {s: heldout_runs(bench, selections[s], plan, s, iterations, device) for s in settings}
     source = settings[0] if settings else ""
     for variant in transfers:

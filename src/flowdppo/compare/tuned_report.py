@@ -124,14 +124,18 @@ def grid_table(selections: dict[str, Selection], bench) -> tuple[str, list[dict[
 
 
 def write_tuned_report(root: Path, bench, plan: TunedPlan, results: dict[str, SettingResult],
-                       wall_s: float) -> list[Path]:
+                       wall_s: float, iterations: int, tuning_from: str | None = None) -> list[Path]:
+    source = ("" if tuning_from is None else
+              f" Tuning results taken from `{tuning_from}` (its recorded grid; the tuning runs were "
+              "not rerun here, the selection rule was applied afresh).")
     lines = [f"# flowdppo compare --protocol tuned — {bench.name}", "",
-             f"Wall time {wall_s / 60:.1f} min. Grid: knob factors "
+             f"Wall time {wall_s / 60:.1f} min; {iterations} iterations per run.{source} Grid: knob factors "
              + ", ".join(f"×{f:.3g}" for f in plan.factors) + " (× each method's scaled paper value); "
              f"learning rates {', '.join(f'{lr:.3g}' for lr in plan.lrs)}. Tuning seeds "
              f"{list(plan.tuning_seeds)}; held-out seeds {list(plan.heldout_seeds)}; KL budget "
              f"{plan.kl_budget:g} ({KL_UNIT}).", "", f"Selection rule: {RULE}", ""]
     payload: dict[str, Any] = {"benchmark": bench.name, "protocol": "tuned", "wall_time_s": wall_s,
+                               "iterations": iterations, "tuning_from": tuning_from,
                                "rule": RULE, "kl_budget": plan.kl_budget, "kl_unit": KL_UNIT,
                                "factors": list(plan.factors), "lrs": list(plan.lrs),
                                "tuning_seeds": list(plan.tuning_seeds),

@@ -92,6 +92,12 @@ def select_best(results: Sequence[PointResult], tuning_seeds: Sequence[int], *, 
     points = summarise(results, tuning_seeds)
     if not points:
         raise ValueError(f"no grid results for the tuning seeds {sorted(tuning_seeds)}")
+    return select_point(points, kl_budget=kl_budget, tie_tol=tie_tol)
+
+
+def select_point(points: Sequence[PointSummary], *, kl_budget: float, tie_tol: float = TIE_TOL) -> Selection:
+    """The module's rule over grid points already summarised on the tuning seeds."""
+    points = list(points)
     finite = [p for p in points if math.isfinite(p.reward) and math.isfinite(p.kl)]
     if not finite:
         raise ValueError("every grid point has a non-finite reward or KL; check the runs' logs")
