@@ -267,6 +267,8 @@ def test_tuning_runs_evaluate_once_and_transfers_run_at_the_chosen_points(fake_t
     assert claims["robust to staleness"]["setting"] == "lag_2@main"
     assert "## The paper's claims on these held-out runs" in md
     assert (tmp_path / "heldout_reward_lag_2_at_main.png").is_file()
+    assert (tmp_path / "components_multi_gdpo_at_main.png").is_file()
+    assert not (tmp_path / "components_lag_2_at_main.png").exists()
 
 
 def test_transfer_rejects_unknown_and_lr_variants(fake_training, tmp_path, capsys):

@@ -195,12 +195,18 @@ def _transfer_section(root: Path, key: str, result: SettingResult, bench, lines:
             lines.append(f"| {method} | " + " | ".join(_cell(stats, f"reward_{n}_final") for n in names)
                          + f" | {min(means):.3f} |")
         lines.append("")
-    lines += [f"![held-out reward](heldout_reward_{name}.png)", ""]
+    images_per_step = bench.recipe["sampling"]["num_groups"] * bench.recipe["sampling"]["group_size"]
+    figures = [plots.curves_vs_images(result.heldout, "reward_mean", f"held-out reward ({key})",
+                                      root / f"heldout_reward_{name}.png", images_per_step)]
+    lines.append(f"![held-out reward](heldout_reward_{name}.png)")
+    if variant in MULTI_MODES:  # each component's curve, the aggregate's own being above
+        figures.append(plots.monitors_vs_images(result.heldout, list(bench.component_keys),
+                                                root / f"components_{name}.png", images_per_step))
+        lines.append(f"![components](components_{name}.png)")
+    lines.append("")
     payload["settings"][key] = {"transferred_from": result.transferred_from, "heldout": held,
                                 "heldout_aggregate": summary}
-    images_per_step = bench.recipe["sampling"]["num_groups"] * bench.recipe["sampling"]["group_size"]
-    return [plots.curves_vs_images(result.heldout, "reward_mean", f"held-out reward ({key})",
-                                   root / f"heldout_reward_{name}.png", images_per_step)]
+    return figures
 
 
 def _change_table(moved: dict[str, Any], source: dict[str, Any], variant: str, source_name: str) -> str:
