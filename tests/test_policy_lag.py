@@ -10,12 +10,12 @@ from flowdppo.config import load_config, resolve
 from flowdppo.trainer.commands import RECIPES
 
 
-def _trainer(tiny_base, out, *extra):
+def _trainer(tiny_base, out, *extra, recipe="toy_dppo.yaml"):
     from flowdppo.trainer.loop import Trainer
 
     overrides = [*tiny_overrides(tiny_base, iterations=3), "eval.at_start=false",
                  "train.num_updates=1", "train.minibatches_per_pass=1", *extra]
-    return Trainer(resolve(load_config(str(RECIPES / "toy_dppo.yaml"), overrides)), out)
+    return Trainer(resolve(load_config(str(RECIPES / recipe), overrides)), out)
 
 
 def _strip(row):
@@ -49,3 +49,22 @@ def test_lagged_rollouts_come_from_the_older_policy(tiny_base, tmp_path):
     stale.iteration(0)
     row = stale.iteration(1)
     assert row["kl_old_new_mean"] > 0 and row["ratio_max"] > row["ratio_min"]
+
+
+def test_a_forward_method_samples_with_its_old_policy_of_k_iterations_before(tiny_base, tmp_path):
+    """DiffusionNFT samples with its EMA old policy; with k = 1 iteration 1 samples with that
+    policy before iteration 0's update (an untrained trainer's rollout), while on-policy it
+    samples with the old policy already moved by the update."""
+    def second_rollout(trainer, advance_lag):
+        trainer.iteration(0)
+        if advance_lag:
+            trainer.lag.advance()  # what iteration(1) does first
+        return trainer.rollout(1, trainer.plan(1))[0].latents
+
+    fresh = _trainer(tiny_base, tmp_path / "fresh", recipe="toy_nft.yaml")
+    reference = fresh.rollout(1, fresh.plan(1))[0].latents
+    on_policy = second_rollout(_trainer(tiny_base, tmp_path / "lag0", recipe="toy_nft.yaml"), False)
+    lagged = second_rollout(_trainer(tiny_base, tmp_path / "lag1", "train.policy_lag=1",
+                                     recipe="toy_nft.yaml"), True)
+    assert not torch.equal(on_policy, reference)  # the old policy moved after iteration 0
+    assert torch.equal(lagged, reference)

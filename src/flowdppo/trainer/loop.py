@@ -78,7 +78,7 @@ class Trainer:
         self.forward_kind = resolved.algorithm.kind == "forward"
         self.old_policy = ParamSnapshot(self.params) if self.forward_kind else None
         self.ema = ParamSnapshot(self.params) if cfg.train.ema_decay > 0 else None
-        self.lag = PolicyLag(self.params, cfg.train.policy_lag)
+        self.lag = PolicyLag(self.params, cfg.train.policy_lag, sampler=self.old_policy)
         self.eval_context = EvalContext(
             self.accelerator, self.model, self.prompts.eval[: cfg.eval.max_prompts], self.rewards,
             self.monitors, self.reference,
@@ -102,11 +102,13 @@ class Trainer:
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def sampling_policy(self) -> contextlib.AbstractContextManager:
-        """The weights that sample: the EMA old policy (forward methods), the policy of
-        ``policy_lag`` iterations before, or the live weights."""
+        """The weights that sample: with ``policy_lag`` the sampler of that many iterations
+        before, else the EMA old policy (forward methods) or the live weights."""
+        if self.lag.active:
+            return self.lag.sampling_policy()
         if self.old_policy is not None:
             return self.old_policy.swapped_in()
-        return self.lag.sampling_policy()
+        return contextlib.nullcontext()
 
     def rollout(self, it: int, plan: Plan) -> tuple[Rollout, Any, list]:
         """Sample this process's slice in chunks; rewards of a chunk score while the next samples."""
@@ -137,6 +139,8 @@ class Trainer:
     def batch_source(self, it: int, rollout: Rollout, cond, advantages: Tensor,
                      plan: Plan) -> BatchSource:
         forward_inputs = self._forward_inputs(it, plan) if self.forward_kind else None
+        # Forward methods need no likelihood of the sampler: under a lag only their samples
+        # are stale, the loss's anchor stays the current old policy.
         old = self.old_policy.swapped_in if self.old_policy is not None else self.lag.factory()
         return BatchSource(self.model, self.dynamics, rollout, cond,
                            advantages.to(self.accelerator.device),

@@ -121,10 +121,15 @@ class ParamSnapshot:
 class PolicyLag:
     """The policies of the last ``lag`` iterations, for training on stale rollouts
     (``train.policy_lag``): iteration ``it`` samples with the weights that started
-    iteration ``it - lag`` (the initial weights while ``it < lag``)."""
+    iteration ``it - lag`` (the initial weights while ``it < lag``).
 
-    def __init__(self, params: dict[str, nn.Parameter], lag: int) -> None:
-        self.params, self.lag = params, lag
+    ``sampler``: the snapshot that samples when on-policy, for methods that do not sample
+    with the live weights (the forward methods' EMA old policy); the history then records
+    it, so the stale sampler is that snapshot as it was ``lag`` iterations before."""
+
+    def __init__(self, params: dict[str, nn.Parameter], lag: int,
+                 sampler: ParamSnapshot | None = None) -> None:
+        self.params, self.lag, self.sampler = params, lag, sampler
         # Always lag + 1 entries (the initial weights fill the start): a checkpoint holds
         # them all and a resume restores the same list.
         self.history = [ParamSnapshot(params) for _ in range(lag + 1)] if lag > 0 else []
@@ -136,7 +141,10 @@ class PolicyLag:
     def advance(self) -> None:
         """Remember the weights that start this iteration; keep the last ``lag + 1``."""
         if self.active:
-            self.history.append(ParamSnapshot(self.params))
+            snapshot = ParamSnapshot(self.params)
+            if self.sampler is not None:
+                snapshot.values = {n: v.clone() for n, v in self.sampler.values.items()}
+            self.history.append(snapshot)
             del self.history[0]
 
     def snapshots(self) -> dict[str, ParamSnapshot]:
