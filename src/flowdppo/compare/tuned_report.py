@@ -129,7 +129,8 @@ def write_tuned_report(root: Path, bench, plan: TunedPlan, results: dict[str, Se
               f" Tuning results taken from `{tuning_from}` (its recorded grid; the tuning runs were "
               "not rerun here, the selection rule was applied afresh).")
     lines = [f"# flowdppo compare --protocol tuned — {bench.name}", "",
-             f"Wall time {wall_s / 60:.1f} min; {iterations} iterations per run.{source} Grid: knob factors "
+             f"This command's wall time {wall_s / 60:.1f} min (runs finished by an earlier command are reused and not counted); "
+             f"{iterations} iterations per run.{source} Grid: knob factors "
              + ", ".join(f"×{f:.3g}" for f in plan.factors) + " (× each method's scaled paper value); "
              f"learning rates {', '.join(f'{lr:.3g}' for lr in plan.lrs)}. Tuning seeds "
              f"{list(plan.tuning_seeds)}; held-out seeds {list(plan.heldout_seeds)}; KL budget "
