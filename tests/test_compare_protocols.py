@@ -261,6 +261,9 @@ def test_tuning_runs_evaluate_once_and_transfers_run_at_the_chosen_points(fake_t
     change = payload["settings"]["lag_2@main"]["heldout"]["methods"]["grpo"]["change_from_source"]
     assert change["final_reward"]["diff"] == pytest.approx(0.0)  # the fake ignores the lag
     assert "Change from main to lag_2" in md
+    # A multi-reward variant trains on another reward: its change in reward is not reported.
+    multi = payload["settings"]["multi_gdpo@main"]["heldout"]["methods"]["dppo"]["change_from_source"]
+    assert set(multi) == {"final_kl_ref"} and "– (another reward)" in md
     claims = {c["name"]: c for c in payload["claims"]}
     assert set(claims) == {"higher reward at lower KL", "less forgetting", "balanced multi-objective",
                            "robust to staleness"}

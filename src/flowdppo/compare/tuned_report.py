@@ -220,6 +220,9 @@ def _change_table(moved: dict[str, Any], source: dict[str, Any], variant: str, s
         seeds = sorted(set(row["per_seed"]) & set(before), key=int)
         cells = []
         for key in ("final_reward", "final_kl_ref"):
+            if key == "final_reward" and variant in MULTI_MODES:
+                cells.append("– (another reward)")  # the aggregate is not the source's reward
+                continue
             if not seeds:
                 cells.append("–")
                 continue
