@@ -97,7 +97,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from .runner import ALL_VARIANTS, QUICK_VARIANTS, variant_overrides
 
     tuned = args.protocol == "tuned"
-    if getattr(args, "tuning_from", None) and not tuned:
+    if args.tuning_from and not tuned:
         raise ValueError("--tuning-from needs --protocol tuned (the standard protocol has no tuning grid)")
     bench = with_overrides(get_benchmark(args.benchmark), args.overrides)
     methods = args.methods.split(",") if args.methods else list(TUNED_METHODS if tuned else DEFAULT_METHODS)
@@ -172,7 +172,7 @@ def _recorded_tuning(args, bench, methods, variants, plan, iterations):
     """``--tuning-from``'s selections, read and checked before any expensive work."""
     from .tuned import recorded_selections
 
-    if getattr(args, "tuning_from", None) is None:
+    if args.tuning_from is None:
         return None
     return recorded_selections(Path(args.tuning_from), bench, methods, variants, plan, iterations)
 
@@ -186,11 +186,10 @@ def _tuned(args, plan, recorded, root, bench, methods, variants, iterations, job
     transfers = [v for v in (args.transfer or "").split(",") if v]
     if "lr_x3" in transfers:
         raise ValueError("--transfer lr_x3: the tuned protocol grids the learning rate itself (--lrs)")
-    tuning_from = getattr(args, "tuning_from", None)
     results = run_tuned(root, bench, methods, variants, plan, iterations, args.device,
                         lambda r, specs: execute(r, specs, jobs, threads), transfers, recorded)
     return lambda: write_tuned_report(root, bench, plan, results, time.perf_counter() - start,
-                                      iterations, tuning_from)
+                                      iterations, args.tuning_from)
 
 
 def _prepare_base(bench) -> None:

@@ -85,9 +85,11 @@ class ReferencePolicy:
 class ParamSnapshot:
     """A detached copy of some parameters: the old (sampling) policy or an EMA for eval."""
 
-    def __init__(self, params: dict[str, nn.Parameter]) -> None:
+    def __init__(self, params: dict[str, nn.Parameter], values: dict[str, Tensor] | None = None) -> None:
+        """A copy of ``values`` (default: the parameters' current values) for ``params``."""
         self.params = params
-        self.values = {n: p.detach().clone() for n, p in params.items()}
+        source = params if values is None else values
+        self.values = {n: v.detach().clone() for n, v in source.items()}
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -141,10 +143,8 @@ class PolicyLag:
     def advance(self) -> None:
         """Remember the weights that start this iteration; keep the last ``lag + 1``."""
         if self.active:
-            snapshot = ParamSnapshot(self.params)
-            if self.sampler is not None:
-                snapshot.values = {n: v.clone() for n, v in self.sampler.values.items()}
-            self.history.append(snapshot)
+            values = None if self.sampler is None else self.sampler.values
+            self.history.append(ParamSnapshot(self.params, values))
             del self.history[0]
 
     def snapshots(self) -> dict[str, ParamSnapshot]:
